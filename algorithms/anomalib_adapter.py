@@ -1,0 +1,173 @@
+"""Shared wrapper for the anomalib 2.7 baselines: the wrapper changes nothing but the plumbing.
+
+The Lightning module is built with ``post_processor=False, evaluator=False,
+visualizer=False`` and no pre-processor, and its torch model (``lm.model``) is driven
+directly, without anomalib's Engine or datamodules (see ANOMALIB_NOTES.md). The
+harness has already resized the images; the wrapper only applies ImageNet
+normalisation and returns anomalib's raw (un-normalised) scores and maps.
+
+Adding an anomalib model means subclassing :class:`AnomalibAlgorithm`: set
+``anomalib_class``, store the constructor arguments, return them from
+:meth:`~AnomalibAlgorithm.model_kwargs`, and override the hooks that differ
+(:meth:`~AnomalibAlgorithm.pre_processor`, :meth:`~AnomalibAlgorithm.weights_spec`,
+:meth:`~AnomalibAlgorithm.load_pretrained`, ``imagenet_normalize``).
+
+``anomalib`` is imported only when a model is built: importing it costs ~10 s and ~1 GB.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bmad.algorithm import Algorithm, Batch, Prediction, batch_images
+from bmad.weights import WeightSpec, load_checkpoint, load_into, offline_random_init, resolve_weights, timm_spec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def as_hw(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
+    """``224`` -> ``(224, 224)``; ``(H, W)`` (or a JSON list) -> ``(H, W)``; None stays None."""
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+class AnomalibAlgorithm(Algorithm):
+    """Base class of the anomalib-backed algorithms.
+
+    Hooks for subclasses:
+
+    - ``anomalib_class``: the class name in ``anomalib.models`` (e.g. "Patchcore").
+    - :meth:`model_kwargs`: the hyper-parameters passed to that class.
+    - ``trains_by_epochs``: False for memory-bank models (one pass over the training
+      set, then the module's ``fit()``). Gradient-trained models are not wired yet.
+    - ``imagenet_normalize``: False for models that take [0, 1] input (DRAEM).
+    - :meth:`pre_processor`: for classes that read their input size from it.
+    - :meth:`weights_spec` / :meth:`load_pretrained`: which weights, loaded where.
+
+    The module is built on first use (``fit``, ``to``, ``modules``) so that
+    construction stays cheap; the runner seeds before that. With ``pretrained`` the
+    weights are located at construction, so a missing file fails at once.
+    """
+
+    anomalib_class: ClassVar[str] = ""
+    trains_by_epochs: ClassVar[bool] = False
+    imagenet_normalize: ClassVar[bool] = True
+
+    backbone: str
+
+    def __init__(
+        self,
+        *,
+        input_size: int | tuple[int, int] | None,
+        pretrained: bool,
+        weights: str | None,
+    ) -> None:
+        self.input_size = as_hw(input_size)
+        self.pretrained = pretrained
+        self.weights = weights
+        self._weights_path: Path | None = resolve_weights(self.weights_spec(), weights) if pretrained else None
+        self._lm: nn.Module | None = None
+
+    # -- hooks ------------------------------------------------------------------------
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``anomalib_class`` (besides ``pre_trained`` and components)."""
+        raise NotImplementedError
+
+    def pre_processor(self) -> nn.Module | bool:
+        """The pre-processor handed to the module; it is never applied (inputs arrive
+        resized and the wrapper normalises), so none by default. CS-Flow and GANomaly
+        read their input size from it: give them a resize to ``input_size``."""
+        return False
+
+    def weights_spec(self) -> WeightSpec:
+        """The pretrained weights this configuration needs (timm's for ``backbone``)."""
+        return timm_spec(self.backbone)
+
+    def load_pretrained(self, lm: nn.Module, state_dict: dict[str, Any], source: str) -> None:
+        """Load the pretrained ``state_dict`` into the built Lightning module ``lm``."""
+        load_into(lm.model.feature_extractor.feature_extractor, state_dict, source=source)
+
+    # -- building ---------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """The anomalib Lightning module (built once; random init, then pretrained weights)."""
+        if self._lm is None:
+            import anomalib.models
+
+            cls = getattr(anomalib.models, self.anomalib_class)
+            kwargs = self.model_kwargs()
+            if "pre_trained" in inspect.signature(cls).parameters:
+                kwargs["pre_trained"] = False
+            with offline_random_init():
+                lm = cls(
+                    **kwargs,
+                    pre_processor=self.pre_processor(),
+                    post_processor=False,
+                    evaluator=False,
+                    visualizer=False,
+                )
+            if self._weights_path is not None:
+                self.load_pretrained(lm, load_checkpoint(self._weights_path), str(self._weights_path))
+            if not self.trains_by_epochs:
+                lm.requires_grad_(False)  # nothing is trained: report 0 trainable parameters
+            self._lm = lm.to(self.device).eval()
+        return self._lm
+
+    def modules(self) -> Iterator[nn.Module]:
+        """The Lightning module (built if needed)."""
+        yield self.build()
+
+    # -- the contract -----------------------------------------------------------------
+    def fit(self, train: Iterable[Batch], val: Iterable[Batch] | None = None) -> None:
+        """Memory-bank models: one pass to collect embeddings, then the module's ``fit()``.
+
+        ``val`` is not used: there is no checkpoint to select.
+        """
+        if self.trains_by_epochs:
+            raise NotImplementedError(f"{type(self).__name__}: gradient training is not wired yet")
+        lm = self.build()
+        lm.train()
+        n_images = 0
+        with torch.no_grad():
+            for batch in train:
+                images = self._prepare(batch_images(batch))
+                lm.model(images)
+                n_images += images.shape[0]
+            if n_images == 0:
+                raise ValueError(f"{type(self).__name__}.fit: the training set is empty")
+            lm.fit()
+        lm.eval()
+
+    def predict_map(self, images: torch.Tensor) -> Prediction:
+        """Raw anomalib scores [B] and maps [B, H, W] at the input resolution."""
+        lm = self.build()
+        lm.eval()
+        x = self._prepare(images)
+        with torch.no_grad():
+            out = lm.model(x)
+        b, _, h, w = x.shape
+        scores = out.pred_score.reshape(b)
+        maps = None
+        if self.pixel_level and out.anomaly_map is not None:
+            maps = out.anomaly_map.reshape(b, h, w)
+        return Prediction(scores=scores, maps=maps)
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.imagenet_normalize:
+            mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        return x

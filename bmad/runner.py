@@ -1,0 +1,349 @@
+"""Sweeps: every (bench, algo, seed) run, seeded, timed, recorded, resumable."""
+
+from __future__ import annotations
+
+import inspect
+import platform
+import random
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import bmad
+from bmad import registry
+from bmad.algorithm import Algorithm, Prediction
+from bmad.benches import Bench, resolve_bench
+from bmad.data import check_masks, few_shot, list_split, make_loader, read_image, resize_maps
+from bmad.errors import UsageError
+from bmad.records import clean_stale_temps, config_hash, is_done, record_path, write_record
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep."""
+
+    bench: str
+    algo: str
+    seed: int
+    shots: int | None = None
+
+
+@dataclass
+class SweepOptions:
+    """Options shared by the runs of a sweep (the CLI's flags)."""
+
+    results: Path = Path("results")
+    data_root: Path | None = None
+    device: str = "cpu"
+    random_init: bool = False
+    weights: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    n_seeds: int = 1
+    batch_size: int = 32
+    progress: bool = True
+
+
+@dataclass
+class RunOutcome:
+    """What happened to one run."""
+
+    spec: RunSpec
+    status: str  # "ok" | "failed" | "skipped"
+    path: Path
+    error: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_algorithm(name: str, opts: SweepOptions) -> Algorithm:
+    """Create ``name`` with the sweep's parameters (+ pretrained/weights where accepted)."""
+    entry = registry.algorithms.get(name)
+    accepted = set(inspect.signature(entry.cls.__init__).parameters)
+    params = dict(opts.params)
+    unknown = [k for k in params if k not in accepted and "kwargs" not in accepted]
+    if unknown:
+        raise UsageError(
+            f"algorithm {name!r} has no parameter {', '.join(unknown)}",
+            hint=f"its parameters: {', '.join(entry.cls.param_names()) or '(none)'}",
+        )
+    if opts.random_init and "pretrained" in accepted:
+        params["pretrained"] = False
+    if opts.weights and "weights" in accepted:
+        params["weights"] = opts.weights
+    return registry.create(name, **params)
+
+
+def input_size_for(algo: Algorithm, native: tuple[int, int]) -> tuple[int, int]:
+    """The size images are resized to: the algorithm's, or native, made to fit its constraints."""
+    h, w = algo.input_size or native
+    if algo.fixed_sizes:
+        side = min(algo.fixed_sizes, key=lambda s: (abs(s - max(h, w)), s))
+        return side, side
+    m = max(1, algo.size_multiple)
+    return -(-h // m) * m, -(-w // m) * m
+
+
+def plan(benches: list[str], algos: list[str], n_seeds: int, shots: int | None) -> list[RunSpec]:
+    """The run list of a sweep, in a fixed order (bench, algo, seed)."""
+    return [RunSpec(b, a, s, shots) for b in benches for a in algos for s in range(n_seeds)]
+
+
+class Sweep:
+    """Runs a list of :class:`RunSpec`, skipping those with an ``ok`` record."""
+
+    def __init__(self, opts: SweepOptions) -> None:
+        self.opts = opts
+        self._benches: dict[str, Bench] = {}
+
+    def bench(self, key: str) -> Bench:
+        if key not in self._benches:
+            self._benches[key] = resolve_bench(key, self.opts.data_root)
+        return self._benches[key]
+
+    def preflight(self, specs: list[RunSpec]) -> None:
+        """Fail fast (before any run) on unknown names, bad parameters, missing weights or data."""
+        for name in dict.fromkeys(s.algo for s in specs):
+            build_algorithm(name, self.opts)
+        for key in dict.fromkeys(s.bench for s in specs):
+            b = self.bench(key)
+            for split in ("train", "test"):
+                list_split(b.root, split)
+
+    def run_all(self, specs: list[RunSpec]) -> list[RunOutcome]:
+        """Run every spec; a failing run is recorded and the sweep goes on."""
+        self.preflight(specs)
+        outcomes = []
+        bar = tqdm(specs, desc="sweep", unit="run", disable=not self.opts.progress)
+        for spec in bar:
+            bar.set_postfix_str(f"{spec.bench}/{spec.algo}/seed{spec.seed}")
+            outcomes.append(self.run_one(spec))
+        bar.close()
+        return outcomes
+
+    def run_one(self, spec: RunSpec) -> RunOutcome:
+        """One run: skip if recorded ok, else fit, predict, score and record it."""
+        opts = self.opts
+        bench = self.bench(spec.bench)
+        algo = build_algorithm(spec.algo, opts)
+        config = algo.get_config()
+        chash = config_hash(spec.algo, config, spec.shots)
+        path = record_path(opts.results, bench.name, spec.algo, chash, spec.seed)
+        if is_done(path):
+            return RunOutcome(spec, "skipped", path)
+        clean_stale_temps(path.parent)
+        record: dict[str, Any] = {
+            "bench": bench.name,
+            "algo": spec.algo,
+            "seed": spec.seed,
+            "shots": spec.shots,
+            "config": config,
+            "config_hash": chash,
+            "sweep": {"seeds": opts.n_seeds},
+            "env": environment(opts.device),
+            "metrics": {k: None for k in ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "best_dice")},
+        }
+        try:
+            record.update(_execute(algo, bench, spec, opts))
+            record["status"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - one failed run never stops the sweep
+            record["status"] = "failed"
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            record["traceback"] = traceback.format_exc(limit=20)
+            if opts.progress:
+                tqdm.write(f"run {spec.bench}/{spec.algo}/seed{spec.seed} failed: {record['error']}")
+        finally:
+            del algo
+            _free_memory(opts.device)
+        write_record(path, record)
+        return RunOutcome(spec, record["status"], path, record.get("error"))
+
+
+def _execute(algo: Algorithm, bench: Bench, spec: RunSpec, opts: SweepOptions) -> dict[str, Any]:
+    from bmad import metrics
+
+    seed_everything(spec.seed)
+    train = list_split(bench.root, "train")
+    valid = list_split(bench.root, "valid", required=False)
+    test = list_split(bench.root, "test")
+    check_masks(valid + test)
+    data: dict[str, Any] = {"manifest_sha256": bench.manifest_sha256()}
+    if spec.shots:
+        train = few_shot(train, spec.shots, spec.seed)
+        data["train_files"] = [s.path.relative_to(bench.root).as_posix() for s in train]
+    data.update(n_train=len(train), n_valid=len(valid), n_test=len(test))
+
+    native = tuple(read_image(test[0].path).shape[-2:])
+    eval_size = bench.spec.eval_size or native
+    in_size = input_size_for(algo, native)
+    device = torch.device(opts.device)
+    algo.to(device)
+    batch = int(getattr(algo, "batch_size", opts.batch_size) or opts.batch_size)
+    mk = dict(input_size=in_size, eval_size=eval_size, channels=algo.channels, batch_size=batch)
+    train_loader = make_loader(train, shuffle=True, seed=spec.seed, **mk)
+    valid_loader = _DeviceLoader(make_loader(valid, **mk), device) if valid else None
+    test_loader = make_loader(test, **mk)
+
+    mem = _PeakMemory(device)
+    t0 = time.perf_counter()
+    algo.fit(
+        _DeviceLoader(train_loader, device, desc="fit", progress=opts.progress),
+        valid_loader,
+    )
+    fit_s = time.perf_counter() - t0
+
+    pixel = bench.spec.pixel_masks and algo.pixel_level
+    scores, labels, maps, masks = [], [], [], []
+    infer_s = 0.0
+    t1 = time.perf_counter()
+    for b in tqdm(test_loader, desc="predict", leave=False, disable=not opts.progress):
+        x = b["image"].to(device, non_blocking=True)
+        _sync(device)
+        ti = time.perf_counter()
+        with torch.no_grad():
+            pred = algo.predict_map(x)
+        _sync(device)
+        infer_s += time.perf_counter() - ti
+        if not isinstance(pred, Prediction):
+            raise TypeError(f"{spec.algo}.predict_map returned {type(pred).__name__}, expected Prediction")
+        if pred.scores.shape[0] != x.shape[0]:
+            raise ValueError(f"{spec.algo} returned {pred.scores.shape[0]} scores for {x.shape[0]} images")
+        scores.append(pred.scores)
+        labels.append(b["label"].numpy())
+        if pixel:
+            if pred.maps is None:
+                raise ValueError(f"{spec.algo} is pixel-level but returned no maps")
+            maps.append(resize_maps(pred.maps, eval_size))
+            masks.append(b["mask"].numpy().astype(bool))
+    predict_s = time.perf_counter() - t1
+
+    s, y = np.concatenate(scores), np.concatenate(labels)
+    if not np.all(np.isfinite(s)):
+        raise ValueError(f"{spec.algo} returned non-finite scores")
+    m = np.concatenate(maps) if maps else None
+    k = np.concatenate(masks) if masks else None
+    return {
+        "metrics": metrics.compute_all(s, y, m, k),
+        "timing": {"fit_s": fit_s, "predict_s": predict_s, "ms_per_image": 1000 * infer_s / len(test)},
+        "memory": mem.read(),
+        "params": algo.parameter_counts(),
+        "data": data,
+        "sizes": {"input": list(in_size), "eval": list(eval_size), "batch_size": batch},
+        "history": list(algo.history),
+    }
+
+
+class _DeviceLoader:
+    """Re-iterable view of a loader that moves images to ``device`` (and shows progress)."""
+
+    def __init__(self, loader: Any, device: torch.device, desc: str | None = None, progress: bool = False):
+        self.loader, self.device, self.desc, self.progress = loader, device, desc, progress
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        it = tqdm(self.loader, desc=self.desc, leave=False, disable=not self.progress)
+        for b in it:
+            b = dict(b)
+            b["image"] = b["image"].to(self.device, non_blocking=True)
+            yield b
+
+
+class _PeakMemory:
+    """Peak RSS (Linux: VmHWM after resetting it via /proc/self/clear_refs) and peak GPU memory."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.exact = _reset_peak_rss()
+        self.start_rss = _current_rss_mb()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def read(self) -> dict[str, float | None]:
+        peak = _peak_rss_mb() if self.exact else None
+        gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        return {"peak_rss_mb": peak if peak is not None else _current_rss_mb(), "peak_gpu_mb": gpu,
+                "rss_at_start_mb": self.start_rss}
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_mb() -> float | None:
+    return _proc_status_mb("VmHWM")
+
+
+def _current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@lru_cache(maxsize=None)
+def _git_commit() -> str | None:
+    root = Path(bmad.__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions and machine facts stored in every record."""
+    dev = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev = f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return {
+        "bmad": bmad.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "device": dev,
+        "platform": platform.platform(),
+        "git": _git_commit(),
+    }
+

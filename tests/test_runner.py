@@ -1,0 +1,162 @@
+"""The runner: records, resume, failures, few-shot, usage errors, SIGKILL safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bmad.records import is_done, load_records, read_record
+from tests.conftest import make_bench, run_bmad
+
+
+def _records(results: Path) -> list[dict]:
+    loaded = load_records(results)
+    assert not loaded.skipped, loaded.skipped
+    return loaded.records
+
+
+def test_record_contents_and_resume(toy_plugin: Path, bench_dir: Path, tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    args = ("run", "--algo", "toy", "--bench", f"folder:{bench_dir}", "--seeds", "2", "--shots", "5",
+            "--results", str(res), "--no-progress")
+    out = run_bmad(*args, plugin=toy_plugin)
+    assert out.returncode == 0, out.stderr
+    assert "2 done, 0 already done, 0 failed" in out.stdout
+    recs = _records(res)
+    assert {r["seed"] for r in recs} == {0, 1}
+    r = recs[0]
+    for key in ("bench", "algo", "seed", "shots", "config", "config_hash", "status", "metrics", "timing",
+                "memory", "params", "data", "env", "history"):
+        assert key in r
+    assert r["bench"] == "folder-Toy" and r["shots"] == 5
+    assert set(r["metrics"]) == {"image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "best_dice"}
+    assert all(0 <= v <= 1 for v in r["metrics"].values())
+    assert r["timing"]["fit_s"] >= 0 and r["timing"]["ms_per_image"] > 0
+    assert r["memory"]["peak_rss_mb"] > 50
+    assert len(r["data"]["train_files"]) == 5 and r["data"]["n_train"] == 5 and r["data"]["n_test"] == 16
+    assert recs[0]["data"]["train_files"] != recs[1]["data"]["train_files"]  # drawn per seed
+    assert r["config"] == {"sleep": 0.0, "fail": False, "noise": 0.0, "input_size": None}
+    assert r["history"] == [{"epoch": 0, "n": 5}]
+    assert r["env"]["torch"] and r["env"]["device"] == "cpu"
+    mtimes = {p: p.stat().st_mtime_ns for p in res.rglob("seed*.json")}
+
+    again = run_bmad(*args, plugin=toy_plugin)
+    assert again.returncode == 0 and "0 done, 2 already done" in again.stdout
+    assert mtimes == {p: p.stat().st_mtime_ns for p in res.rglob("seed*.json")}
+
+
+def test_same_seed_same_metrics(toy_plugin: Path, bench_dir: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        out = run_bmad("run", "--algo", "toy", "--bench", f"folder:{bench_dir}", "--param", "noise=0.5",
+                       "--results", str(tmp_path / name), "--no-progress", plugin=toy_plugin)
+        assert out.returncode == 0, out.stderr
+        runs.append(_records(tmp_path / name)[0]["metrics"])
+    assert runs[0] == runs[1]
+
+
+def test_failed_run_is_recorded_and_sweep_continues(toy_plugin: Path, bench_dir: Path, tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    other = make_bench(tmp_path / "Other", seed=3)
+    out = run_bmad("run", "--algo", "toy", "--bench", f"folder:{bench_dir},folder:{other}", "--param", "fail=true",
+                   "--results", str(res), "--no-progress", plugin=toy_plugin)
+    assert out.returncode == 1
+    assert "toy failure on purpose" in out.stderr
+    recs = _records(res)
+    assert len(recs) == 2 and all(r["status"] == "failed" for r in recs)
+    assert all("RuntimeError: toy failure on purpose" in r["error"] for r in recs)
+    assert not any(is_done(p) for p in res.rglob("seed*.json"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--algo", "nope", "--bench", "demo"), "unknown algo 'nope'"),
+        (("--algo", "toy", "--bench", "bratz"), "unknown bench 'bratz'"),
+        (("--algo", "toy", "--bench", "brats2021"), "bench 'brats2021' not found"),
+        (("--algo", "toy", "--bench", "folder:/no/such/dir"), "/no/such/dir does not exist"),
+        (("--algo", "toy", "--bench", "BENCH", "--param", "nope=1"), "has no parameter nope"),
+        (("--algo", "toy", "--bench", "BENCH", "--device", "cuda:7"), "--device cuda:7"),
+    ],
+)
+def test_usage_errors_exit_2_and_write_nothing(toy_plugin: Path, tmp_path: Path, args: tuple, message: str) -> None:
+    res = tmp_path / "res"
+    args = tuple(f"folder:{make_bench(tmp_path / 'B')}" if a == "BENCH" else a for a in args)
+    out = run_bmad("run", *args, "--results", str(res), "--data-root", str(tmp_path / "data"), "--no-progress",
+                   plugin=toy_plugin)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not res.exists()
+
+
+def test_empty_test_split_is_a_usage_error(toy_plugin: Path, tmp_path: Path) -> None:
+    root = make_bench(tmp_path / "B", n_test=(0, 0))
+    out = run_bmad("run", "--algo", "toy", "--bench", f"folder:{root}", "--results", str(tmp_path / "r"),
+                   plugin=toy_plugin)
+    assert out.returncode == 2 and "split 'test'" in out.stderr and "is empty" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def _kill_loop(toy_plugin: Path, bench: Path, res: Path, iterations: int, seeds: int) -> int:
+    """SIGKILL a sweep at random moments, rerun until finished; return kills that hit."""
+    import random
+
+    rng = random.Random(1234)
+    args = [sys.executable, "-m", "bmad.cli", "run", "--algo", "toy", "--bench", f"folder:{bench}",
+            "--seeds", str(seeds), "--param", "sleep=0.02", "--results", str(res), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(toy_plugin))
+    kills = 0
+    for _ in range(iterations):
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.5, 4.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        for p in res.rglob("seed*.json"):  # what a kill leaves must always be valid JSON records
+            read_record(p)
+    final = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr
+    return kills
+
+
+def _check_complete(res: Path, seeds: int) -> None:
+    recs = _records(res)
+    assert sorted(r["seed"] for r in recs) == list(range(seeds))
+    assert all(r["status"] == "ok" for r in recs)
+    assert not [p for p in res.rglob("*") if p.is_file() and p.suffix != ".json"], "partial files left"
+
+
+def test_sigkill_then_rerun_finishes_without_loss(toy_plugin: Path, tmp_path: Path) -> None:
+    bench = make_bench(tmp_path / "B", n_train=40)
+    res = tmp_path / "res"
+    kills = _kill_loop(toy_plugin, bench, res, iterations=3, seeds=6)
+    assert kills >= 1
+    _check_complete(res, 6)
+
+
+@pytest.mark.slow
+def test_sigkill_many_times(toy_plugin: Path, tmp_path: Path) -> None:
+    bench = make_bench(tmp_path / "B", n_train=40)
+    res = tmp_path / "res"
+    kills = _kill_loop(toy_plugin, bench, res, iterations=15, seeds=20)
+    assert kills >= 5
+    _check_complete(res, 20)
+
+
+def test_records_written_are_complete_json(toy_plugin: Path, bench_dir: Path, tmp_path: Path) -> None:
+    res = tmp_path / "res"
+    out = run_bmad("run", "--algo", "toy", "--bench", f"folder:{bench_dir}", "--results", str(res),
+                   plugin=toy_plugin)
+    assert out.returncode == 0, out.stderr
+    (p,) = list(res.rglob("seed0.json"))
+    assert json.loads(p.read_text())["status"] == "ok"
+    assert p.parent.name == read_record(p)["config_hash"]
