@@ -18,6 +18,7 @@ Adding an anomalib model means subclassing :class:`AnomalibAlgorithm`: set
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -102,7 +103,10 @@ class AnomalibAlgorithm(Algorithm):
     def build(self) -> nn.Module:
         """The anomalib Lightning module (built once; random init, then pretrained weights)."""
         if self._lm is None:
-            import anomalib.models
+            with warnings.catch_warnings():  # anomalib's own deprecation notices, not the user's concern
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                import anomalib.models
 
             cls = getattr(anomalib.models, self.anomalib_class)
             kwargs = self.model_kwargs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="whole pipeline on a small synthetic bench, no download")
     _add_run_options(p)
-    p.set_defaults(seeds=2, random_init=True)
+    p.set_defaults(seeds=2)
 
     p = sub.add_parser("run", help="run algorithms on benches over seeds (resumable)")
     p.add_argument("--algo", required=True, help="algorithm names, comma list, or all")
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bmad`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--no-progress" in argv or not sys.stderr.isatty():
+        # tqdm reads TQDM_* defaults when it is imported: this also quiets the bars of libraries
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.basicConfig(format="bmad: %(levelname)s: %(message)s", level=logging.WARNING)
+    for name in ("bmad", "datasets_prep", "algorithms"):
+        logging.getLogger(name).setLevel(logging.INFO)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -124,7 +132,7 @@ def _sweep(args: argparse.Namespace, benches: list[str], algos: list[str], shots
         raise UsageError("--shots must be at least 1")
     opts = SweepOptions(
         results=args.results, data_root=args.data_root, device=args.device, random_init=args.random_init,
-        weights=args.weights, params=params, n_seeds=args.seeds, progress=not args.no_progress,
+        weights=args.weights, params=params, n_seeds=args.seeds, progress=_progress(args),
     )
     outcomes = Sweep(opts).run_all(plan(benches, algos, args.seeds, shots))
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "skipped", "failed")}
@@ -134,6 +142,11 @@ def _sweep(args: argparse.Namespace, benches: list[str], algos: list[str], shots
         if o.status == "failed":
             print(f"  failed: {o.spec.bench}/{o.spec.algo}/seed{o.spec.seed}: {o.error}", file=sys.stderr)
     return 1 if counts["failed"] else 0
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal unless --no-progress (see :func:`main` for libraries' bars)."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -220,7 +233,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cls = reorganizers.get(args.dataset).cls
     reorg = cls.from_args(args)
-    out = reorg.prepare(args.out, progress=not args.no_progress)
+    out = reorg.prepare(args.out, progress=_progress(args))
     print(f"prepared {args.dataset} in {out}")
     return 0
 

@@ -159,8 +159,7 @@ def compute_all(
 
 
 def _pixel_inputs(maps: ArrayLike, masks: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    maps = maps if isinstance(maps, np.ndarray) else np.asarray(maps)
-    masks = masks if isinstance(masks, np.ndarray) else np.asarray(masks)
+    maps, masks = np.asanyarray(maps), np.asanyarray(masks)  # no copy: a memmap stays on disk
     if maps.ndim != 3:
         raise ValueError(f"maps must be [N, H, W], got shape {maps.shape}")
     if masks.shape != maps.shape:

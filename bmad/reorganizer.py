@@ -38,7 +38,7 @@ class Reorganizer:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add this dataset's options (``--raw`` and ``--out`` are added by the CLI)."""
+        """Add this dataset's options, e.g. ``--raw`` (``--out`` is added by the CLI)."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Reorganizer:

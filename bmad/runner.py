@@ -49,6 +49,7 @@ class SweepOptions:
     n_seeds: int = 1
     batch_size: int = 32
     progress: bool = True
+    verbose: bool = True
 
 
 @dataclass
@@ -59,6 +60,17 @@ class RunOutcome:
     status: str  # "ok" | "failed" | "skipped"
     path: Path
     error: str | None = None
+    image_auroc: float | None = None
+
+
+def _describe(o: RunOutcome, seconds: float) -> str:
+    name = f"{o.spec.bench}/{o.spec.algo}/seed{o.spec.seed}"
+    if o.status == "skipped":
+        return f"{name}: already done"
+    if o.status == "failed":
+        return f"{name}: FAILED after {seconds:.1f} s: {o.error}"
+    auroc = f", image AUROC {100 * o.image_auroc:.2f}" if o.image_auroc is not None else ""
+    return f"{name}: ok in {seconds:.1f} s{auroc}"
 
 
 def seed_everything(seed: int) -> None:
@@ -119,17 +131,21 @@ class Sweep:
             build_algorithm(name, self.opts)
         for key in dict.fromkeys(s.bench for s in specs):
             b = self.bench(key)
-            for split in ("train", "test"):
-                list_split(b.root, split)
+            list_split(b.root, "train")
+            check_masks(list_split(b.root, "valid", required=False) + list_split(b.root, "test"))
 
     def run_all(self, specs: list[RunSpec]) -> list[RunOutcome]:
         """Run every spec; a failing run is recorded and the sweep goes on."""
         self.preflight(specs)
         outcomes = []
         bar = tqdm(specs, desc="sweep", unit="run", disable=not self.opts.progress)
-        for spec in bar:
+        for i, spec in enumerate(bar, 1):
             bar.set_postfix_str(f"{spec.bench}/{spec.algo}/seed{spec.seed}")
-            outcomes.append(self.run_one(spec))
+            t0 = time.perf_counter()
+            outcome = self.run_one(spec)
+            outcomes.append(outcome)
+            if self.opts.verbose:
+                tqdm.write(f"[{i}/{len(specs)}] {_describe(outcome, time.perf_counter() - t0)}")
         bar.close()
         return outcomes
 
@@ -162,13 +178,11 @@ class Sweep:
             record["status"] = "failed"
             record["error"] = f"{type(exc).__name__}: {exc}"
             record["traceback"] = traceback.format_exc(limit=20)
-            if opts.progress:
-                tqdm.write(f"run {spec.bench}/{spec.algo}/seed{spec.seed} failed: {record['error']}")
         finally:
             del algo
             _free_memory(opts.device)
         write_record(path, record)
-        return RunOutcome(spec, record["status"], path, record.get("error"))
+        return RunOutcome(spec, record["status"], path, record.get("error"), record["metrics"].get("image_auroc"))
 
 
 def _execute(algo: Algorithm, bench: Bench, spec: RunSpec, opts: SweepOptions) -> dict[str, Any]:

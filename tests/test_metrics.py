@@ -138,7 +138,8 @@ def test_image_metrics_known_values() -> None:
 
 
 def pixel_sklearn(maps: np.ndarray, masks: np.ndarray) -> float:
-    return roc_auc_score(masks.ravel() > 0, maps.astype(np.float32).ravel())
+    # float32 values (what bmad scores), widened so scikit-learn's float32 arithmetic cannot overflow
+    return roc_auc_score(masks.ravel() > 0, maps.astype(np.float32).astype(np.float64).ravel())
 
 
 @pytest.mark.parametrize("kind", ["uniform", "quantised", "negative", "low_bits", "smooth"])

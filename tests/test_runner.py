@@ -105,6 +105,19 @@ def test_empty_test_split_is_a_usage_error(toy_plugin: Path, tmp_path: Path) -> 
     assert not (tmp_path / "r").exists()
 
 
+def test_mask_size_mismatch_is_a_usage_error(toy_plugin: Path, tmp_path: Path) -> None:
+    from PIL import Image
+    import numpy as np
+
+    root = make_bench(tmp_path / "B")
+    mask = sorted((root / "test" / "Ungood" / "anomaly_mask").iterdir())[2]
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(mask)
+    out = run_bmad("run", "--algo", "toy", "--bench", f"folder:{root}", "--results", str(tmp_path / "r"),
+                   plugin=toy_plugin)
+    assert out.returncode == 2 and str(mask) in out.stderr and "fix:" in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def _kill_loop(toy_plugin: Path, bench: Path, res: Path, iterations: int, seeds: int) -> int:
     """SIGKILL a sweep at random moments, rerun until finished; return kills that hit."""
     import random
