@@ -77,11 +77,6 @@ def default_data_root() -> Path:
     return Path(os.environ.get("BMAD_DATA", "data"))
 
 
-def bench_names() -> list[str]:
-    """Keys of the named benches (``folder:PATH`` is accepted besides these)."""
-    return list(BENCHES)
-
-
 def parse_bench_list(text: str) -> list[str]:
     """``a,b`` or ``all`` (the six BMAD benches) -> list of bench keys, validated."""
     items = [t.strip() for t in text.split(",") if t.strip()]

@@ -219,7 +219,11 @@ def _execute(algo: Algorithm, bench: Bench, spec: RunSpec, opts: SweepOptions) -
     fit_s = time.perf_counter() - t0
 
     pixel = bench.spec.pixel_masks and algo.pixel_level
-    scores, labels, maps, masks = [], [], [], []
+    scores, labels = [], []
+    # maps are filled in place: one [N, H, W] float32 array, no concatenated copy (RESC: 3.8 GB)
+    maps = np.empty((len(test), *eval_size), np.float32) if pixel else None
+    masks = np.zeros((len(test), *eval_size), bool) if pixel else None
+    done = 0
     infer_s = 0.0
     t1 = time.perf_counter()
     for b in tqdm(test_loader, desc="predict", leave=False, disable=not opts.progress):
@@ -239,17 +243,17 @@ def _execute(algo: Algorithm, bench: Bench, spec: RunSpec, opts: SweepOptions) -
         if pixel:
             if pred.maps is None:
                 raise ValueError(f"{spec.algo} is pixel-level but returned no maps")
-            maps.append(resize_maps(pred.maps, eval_size))
-            masks.append(b["mask"].numpy().astype(bool))
+            n = x.shape[0]
+            maps[done : done + n] = resize_maps(pred.maps, eval_size)
+            masks[done : done + n] = b["mask"].numpy().astype(bool)
+        done += x.shape[0]
     predict_s = time.perf_counter() - t1
 
     s, y = np.concatenate(scores), np.concatenate(labels)
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{spec.algo} returned non-finite scores")
-    m = np.concatenate(maps) if maps else None
-    k = np.concatenate(masks) if masks else None
     return {
-        "metrics": metrics.compute_all(s, y, m, k),
+        "metrics": metrics.compute_all(s, y, maps, masks),
         "timing": {"fit_s": fit_s, "predict_s": predict_s, "ms_per_image": 1000 * infer_s / len(test)},
         "memory": mem.read(),
         "params": algo.parameter_counts(),

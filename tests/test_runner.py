@@ -106,8 +106,8 @@ def test_empty_test_split_is_a_usage_error(toy_plugin: Path, tmp_path: Path) -> 
 
 
 def test_mask_size_mismatch_is_a_usage_error(toy_plugin: Path, tmp_path: Path) -> None:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     root = make_bench(tmp_path / "B")
     mask = sorted((root / "test" / "Ungood" / "anomaly_mask").iterdir())[2]
