@@ -60,13 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--to", type=Path, default=None, help="folder (default $BMAD_WEIGHTS)")
 
     p = sub.add_parser("prepare", help="reorganise a raw dataset into a bench folder")
-    psub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    p.add_argument("--list", action="store_true", help="list the datasets and the raw layout each expects")
+    psub = p.add_subparsers(dest="dataset", metavar="DATASET")
     from bmad.reorganizer import reorganizers
 
     for name in reorganizers.names():
         cls = reorganizers.get(name).cls
-        dp = psub.add_parser(name, help=cls.description, description=cls.description)
+        dp = psub.add_parser(name, help=cls.description, description=f"{cls.description}\n\nraw layout:\n"
+                             f"{cls.raw_layout}", formatter_class=argparse.RawDescriptionHelpFormatter)
         dp.add_argument("--out", type=Path, required=True, help="data root: the bench folder is written inside it")
+        dp.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
+                        help="parallel workers (default: CPU count, at most 8)")
+        dp.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                        help="a bad input file: skip it and list it in skipped.csv (default), or stop")
+        dp.add_argument("--overwrite", action="store_true", help="replace an existing, different bench folder")
         dp.add_argument("--no-progress", action="store_true")
         cls.add_arguments(dp)
     return parser
@@ -231,10 +238,20 @@ def _print_load_errors(reg: Any) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from bmad.reorganizer import reorganizers
 
+    if args.list or not args.dataset:
+        if not args.list:
+            raise UsageError("name a dataset to prepare", hint="`bmad prepare --list` shows them")
+        for name in reorganizers.names():
+            cls = reorganizers.get(name).cls
+            print(f"{name}  ->  bench {cls.bench} (folder {cls.folder}/)\n  {cls.description}")
+            print("  raw layout:\n" + "\n".join(f"    {ln}" for ln in cls.raw_layout.strip().splitlines()) + "\n")
+        _print_load_errors(reorganizers)
+        return 0
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
     cls = reorganizers.get(args.dataset).cls
-    reorg = cls.from_args(args)
-    out = reorg.prepare(args.out, progress=_progress(args))
-    print(f"prepared {args.dataset} in {out}")
+    summary = cls.from_args(args).prepare(args.out, progress=_progress(args))
+    print(summary.text())
     return 0
 
 

@@ -53,13 +53,13 @@ def _weights_available(args: argparse.Namespace) -> bool:
 def run_demo(args: argparse.Namespace) -> int:
     """Prepare (once), run the demo algorithms over ``args.seeds`` seeds, print the leaderboard."""
     from bmad.benches import default_data_root
-    from bmad.cli import _sweep
+    from bmad.cli import _progress, _sweep
     from bmad.leaderboard import build_tables, render
     from bmad.records import load_records
 
     t0 = time.perf_counter()
     data_root = args.data_root or default_data_root()
-    ensure_demo_data(data_root, progress=not args.no_progress)
+    ensure_demo_data(data_root, progress=_progress(args))
     args.data_root = data_root
     if not args.random_init and not _weights_available(args):
         print("no pretrained weights cached: the demo uses randomly initialised backbones (--random-init)")

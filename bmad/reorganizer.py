@@ -8,6 +8,7 @@ options from :meth:`Reorganizer.add_arguments` and calls :meth:`Reorganizer.prep
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,17 +25,51 @@ raw root); ``slice``: slice index or patch coordinates, empty when not applicabl
 """
 
 
+@dataclass
+class Summary:
+    """What a preparation wrote and skipped."""
+
+    folder: Path
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    reused: int = 0
+    kept: bool = False
+
+    def text(self) -> str:
+        """Counts per split and label, then skipped inputs with reasons."""
+        lines = [f"{self.folder}: " + ("already prepared and verified, kept" if self.kept else "prepared")]
+        for split in ("train", "valid", "test"):
+            parts = [f"{label} {n}" for (s, label), n in sorted(self.counts.items()) if s == split]
+            if parts:
+                lines.append(f"  {split:5s}: " + ", ".join(parts))
+        if self.reused:
+            lines.append(f"  resumed: {self.reused} inputs were already written and verified")
+        if self.skipped:
+            lines.append(f"  skipped {len(self.skipped)} input(s) (listed in skipped.csv):")
+            lines += [f"    {src}: {why}" for src, why in self.skipped[:20]]
+            if len(self.skipped) > 20:
+                lines.append(f"    ... and {len(self.skipped) - 20} more")
+        return "\n".join(lines)
+
+
 class Reorganizer:
     """Base class of the dataset reorganizers.
 
     ``bench``: the bench key the output serves (e.g. "brats2021");
-    ``folder``: the bench folder name written under ``--out`` (BMAD's name, e.g. "Brain").
+    ``folder``: the bench folder name written under ``--out`` (BMAD's name, e.g. "Brain");
+    ``raw_layout``: the raw files it expects, as the publisher distributes them
+    (shown by ``bmad prepare --list``).
+
+    Every reorganizer's constructor accepts ``workers``, ``on_error`` ("skip" | "fail")
+    and ``overwrite``; the CLI adds ``--workers``, ``--on-error``, ``--overwrite`` and
+    ``--out`` for all of them.
     """
 
     name: ClassVar[str] = ""
     bench: ClassVar[str] = ""
     folder: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    raw_layout: ClassVar[str] = ""
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -48,11 +83,11 @@ class Reorganizer:
         params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         return cls(**{p: getattr(args, p) for p in params if hasattr(args, p)})
 
-    def prepare(self, out: Path, *, progress: bool = True) -> Path:
-        """Write ``out/<folder>/`` (splits + manifest.csv) and return that folder.
+    def prepare(self, out: Path, *, progress: bool = True) -> Summary:
+        """Write ``out/<folder>/`` (splits + manifest.csv) and say what was written.
 
-        Must be atomic at the bench level: build in a temp folder beside it and
-        rename into place, so an interrupted run leaves no half-written bench.
+        Must be atomic at the bench level (``datasets_prep.common.write_bench`` does it):
+        an interrupted run leaves no half-written bench and resumes when run again.
         """
         raise NotImplementedError
 

@@ -19,41 +19,27 @@ short:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import hashlib
-import io
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
 from bmad.errors import DataError, UsageError
-from bmad.fsutil import write_text_atomic
-from bmad.reorganizer import MANIFEST_COLUMNS, Reorganizer, register_reorganizer
+from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep import synthetic
+from datasets_prep.common import Job, Output, input_fingerprint, mask_png, png_bytes, threaded_map, verified_bench, write_bench
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_SLICES = (60, 100)
 """BMAD's axial range 60..99 (half-open); the tumour slice offsets below are relative to its start."""
 
-PNG_COMPRESS_LEVEL = 6
 PERCENTILES = (0.5, 99.5)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -340,26 +326,6 @@ def _to_view(plane: np.ndarray) -> np.ndarray:
     return plane.T[::-1, ::-1]
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(
-        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
-    )
-    return buf.getvalue()
-
-
-def _threaded_map(fn: Callable[[T], R], items: Sequence[T], workers: int, desc: str, progress: bool) -> Iterator[R]:
-    """``map(fn, items)`` on a thread pool (nibabel's gzip and Pillow's zlib release the GIL), in order."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        try:
-            for fut in tqdm(futures, desc=desc, unit="case", disable=not progress):
-                yield fut.result()
-        finally:
-            for fut in futures:
-                fut.cancel()
-
-
 @register_reorganizer("brats2021")
 class BraTS2021(Reorganizer):
     """BraTS2021 FLAIR volumes -> BMAD's Brain bench (train / valid / test slices + masks)."""
@@ -368,6 +334,13 @@ class BraTS2021(Reorganizer):
     bench = "brats2021"
     folder = "Brain"
     description = "BraTS2021 FLAIR axial slices 60..99 -> Brain bench (patient-level BMAD split, binary tumour masks)"
+    raw_layout = """\
+RAW/                                  (--raw: BraTS2021_Training_Data, 1,251 case folders)
+  BraTS2021_00000/
+    BraTS2021_00000_flair.nii.gz      (--flair-pattern)
+    BraTS2021_00000_seg.nii.gz        (--seg-pattern; labels 0, 1, 2, 4)
+    BraTS2021_00000_{t1,t1ce,t2}.nii.gz  (ignored)
+  BraTS2021_00002/ ..."""
 
     def __init__(
         self,
@@ -379,8 +352,9 @@ class BraTS2021(Reorganizer):
         slices: str | Sequence[int] = "60:100",
         split_seed: int = 0,
         test_only: bool = False,
+        workers: int = 1,
+        on_error: str = "skip",
         overwrite: bool = False,
-        workers: int | None = None,
     ) -> None:
         self.raw = Path(raw)
         self.flair_pattern = flair_pattern
@@ -389,15 +363,15 @@ class BraTS2021(Reorganizer):
         self.slices = parse_slices(slices)
         self.split_seed = int(split_seed)
         self.test_only = bool(test_only)
+        self.workers = max(1, int(workers))
+        self.on_error = on_error
         self.overwrite = bool(overwrite)
-        self.workers = workers if workers else min(os.cpu_count() or 1, 8)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """``--raw`` plus the BraTS options (``--out`` is added by the CLI)."""
-        with contextlib.suppress(argparse.ArgumentError):  # a CLI that adds --raw itself
-            parser.add_argument("--raw", type=Path, required=True,
-                                help="folder with one sub-folder per case (BraTS2021_Training_Data)")
+        """``--raw`` plus the BraTS options."""
+        parser.add_argument("--raw", type=Path, required=True,
+                            help="folder with one sub-folder per case (BraTS2021_Training_Data)")
         parser.add_argument("--flair-pattern", default="*_flair.nii.gz",
                             help="glob of the FLAIR file inside a case folder (default *_flair.nii.gz)")
         parser.add_argument("--seg-pattern", default="*_seg.nii.gz",
@@ -410,9 +384,6 @@ class BraTS2021(Reorganizer):
         parser.add_argument("--test-only", action="store_true",
                             help="no split: every slice in range of every case to test/ (for fewer than 5 cases, "
                                  "or data for evaluation only)")
-        parser.add_argument("--overwrite", action="store_true", help="replace an existing, different Brain/ folder")
-        parser.add_argument("--workers", type=int, default=None,
-                            help="threads reading and writing cases (default: CPU count, at most 8)")
 
     @classmethod
     def synthesize(cls, raw: Path, *, n_cases: int = synthetic.DEMO_CASES, seed: int = 0,
@@ -429,11 +400,12 @@ class BraTS2021(Reorganizer):
         return {"slices": synthetic.slice_range(shape[2])}
 
     # -- finding the cases ---------------------------------------------------------
-    def find_cases(self) -> list[Case]:
+    def find_cases(self, skipped: list[tuple[str, str]] | None = None) -> list[Case]:
         """The case folders under ``raw``, sorted by name, with their files.
 
         A case folder is a sub-folder (not hidden) that holds a NIfTI file; other
-        files and folders are ignored.
+        files and folders are ignored. A folder whose files do not match the patterns
+        is set aside in ``skipped`` (``on_error="skip"``) or raises (``"fail"``).
         """
         if not self.raw.is_dir():
             raise DataError(f"raw folder {self.raw} does not exist",
@@ -442,16 +414,25 @@ class BraTS2021(Reorganizer):
         for folder in sorted(p for p in self.raw.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))):
             if not any(f.name.endswith(NIFTI_SUFFIXES) for f in folder.iterdir() if f.is_file()):
                 continue
-            cases.append(Case(
-                folder.name,
-                self._match(folder, self.flair_pattern, "--flair-pattern"),
-                self._match(folder, self.seg_pattern, "--seg-pattern"),
-                self._match(folder, self.brainmask_pattern, "--brainmask-pattern") if self.brainmask_pattern else None,
-            ))
+            try:
+                cases.append(Case(
+                    folder.name,
+                    self._match(folder, self.flair_pattern, "--flair-pattern"),
+                    self._match(folder, self.seg_pattern, "--seg-pattern"),
+                    self._match(folder, self.brainmask_pattern, "--brainmask-pattern")
+                    if self.brainmask_pattern else None,
+                ))
+            except DataError as exc:
+                self._skip_or_raise(exc, folder, skipped)
         if not cases:
-            raise DataError(f"no case folders with NIfTI files in {self.raw}",
+            raise DataError(f"no usable case folders with NIfTI files in {self.raw}" + _first_reason(skipped),
                             hint="pass --raw pointing at the folder with one sub-folder per case")
         return cases
+
+    def _skip_or_raise(self, exc: DataError, path: Path, skipped: list[tuple[str, str]] | None) -> None:
+        if self.on_error == "fail" or skipped is None:
+            raise exc
+        skipped.append((path.relative_to(self.raw).as_posix(), str(exc).replace("\n", " ")))
 
     @staticmethod
     def _match(folder: Path, pattern: str, option: str) -> Path:
@@ -466,26 +447,30 @@ class BraTS2021(Reorganizer):
         return found[0]
 
     # -- the two passes ------------------------------------------------------------
-    def _scan(self, case: Case) -> np.ndarray:
-        """Check the case's shapes and return its per-slice tumour flags over the range."""
-        seg = _load(case.seg)
-        for path in (p for p in (case.flair, case.brainmask) if p is not None):
-            shape = _canonical_shape(path)
-            if shape != seg.shape:
-                raise DataError(
-                    f"{path} has shape {shape} but {case.seg.name} has {seg.shape} (after reorienting)",
-                    hint=f"give case {case.case_id} a FLAIR, segmentation and brain mask on the same grid, "
-                         "or move it out of --raw",
-                )
-        start, stop = self.slices
-        if stop > seg.shape[2]:
-            raise DataError(f"{case.seg} has {seg.shape[2]} axial slices; --slices {start}:{stop} needs {stop}",
-                            hint="choose a --slices range inside the volumes")
-        return (seg[:, :, start:stop] > 0).any(axis=(0, 1))
+    def _scan(self, case: Case) -> np.ndarray | DataError:
+        """Check the case's shapes and return its per-slice tumour flags over the range
+        (or the DataError that makes the case unusable)."""
+        try:
+            seg = _load(case.seg)
+            for path in (p for p in (case.flair, case.brainmask) if p is not None):
+                shape = _canonical_shape(path)
+                if shape != seg.shape:
+                    raise DataError(
+                        f"{path} has shape {shape} but {case.seg.name} has {seg.shape} (after reorienting)",
+                        hint=f"give case {case.case_id} a FLAIR, segmentation and brain mask on the same grid, "
+                             "or move it out of --raw",
+                    )
+            start, stop = self.slices
+            if stop > seg.shape[2]:
+                raise DataError(f"{case.seg} has {seg.shape[2]} axial slices; --slices {start}:{stop} needs {stop}",
+                                hint="choose a --slices range inside the volumes")
+            return (seg[:, :, start:stop] > 0).any(axis=(0, 1))
+        except DataError as exc:
+            return exc
 
-    def _write_case(self, job: tuple[Case, list[SliceChoice], Path]) -> list[dict[str, str]]:
-        """Normalise one case and write its chosen slices (and masks) under ``root``."""
-        case, choices, root = job
+    def _write_case(self, payload: tuple[Case, list[SliceChoice]]) -> list[Output]:
+        """Normalise one case and encode its chosen slices (and masks)."""
+        case, choices = payload
         flair = _load(case.flair).astype(np.float32)
         seg = _load(case.seg) > 0
         brainmask = _load(case.brainmask) if case.brainmask is not None else None
@@ -499,38 +484,43 @@ class BraTS2021(Reorganizer):
         lo, hi = (float(v) for v in np.percentile(flair[brain], PERCENTILES))
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         source = case.flair.relative_to(self.raw).as_posix()
-        rows = []
+        outputs = []
         for c in choices:
             has_tumour = bool(seg[:, :, c.slice].any())
             if has_tumour != (c.label == "Ungood"):
                 raise DataError(f"{case.seg} changed while it was being prepared", hint="run the command again")
             plane = np.clip((flair[:, :, c.slice].astype(np.float64) - lo) * scale, 0.0, 255.0)
             pixels = np.where(brain[:, :, c.slice], np.floor(plane + 0.5), 0).astype(np.uint8)
-            name = f"{case.case_id}_{c.slice:03d}.png"
-            image = f"{c.split}/{c.label}/img/{name}"
-            data = _png(_to_view(pixels))
-            (root / image).write_bytes(data)
-            mask = ""
-            if c.label == "Ungood":
-                mask = f"{c.split}/{c.label}/anomaly_mask/{name}"
-                (root / mask).write_bytes(_png(_to_view(seg[:, :, c.slice].astype(np.uint8) * 255)))
-            rows.append({"path": image, "split": c.split, "label": c.label, "mask": mask, "patient": case.case_id,
-                         "source": source, "slice": str(c.slice), "sha256": hashlib.sha256(data).hexdigest()})
-        return rows
+            mask = mask_png(_to_view(seg[:, :, c.slice])) if c.label == "Ungood" else None
+            outputs.append(Output(c.split, c.label, f"{case.case_id}_{c.slice:03d}.png", png_bytes(_to_view(pixels)),
+                                  mask, patient=case.case_id, source=source, slice=str(c.slice)))
+        return outputs
 
-    def plan(self, cases: Sequence[Case], *, progress: bool = False) -> SplitPlan:
-        """Scan the cases' segmentations and choose the slices (no files written)."""
-        if not self.test_only and len(cases) < len(GROUPS):
+    def plan(self, cases: Sequence[Case], *, progress: bool = False,
+             skipped: list[tuple[str, str]] | None = None) -> tuple[SplitPlan, list[Case]]:
+        """Scan the cases' segmentations and choose the slices (no files written).
+
+        Returns the plan and the usable cases it indexes (unreadable ones are set aside
+        in ``skipped``, or raise with ``on_error="fail"``).
+        """
+        flags, usable = [], []
+        for case, scanned in zip(cases, threaded_map(self._scan, cases, self.workers, "scan", progress, "case"),
+                                 strict=True):
+            if isinstance(scanned, DataError):
+                self._skip_or_raise(scanned, case.seg.parent, skipped)
+            else:
+                flags.append(scanned)
+                usable.append(case)
+        if not self.test_only and len(usable) < len(GROUPS):
             raise DataError(
-                f"{self.raw} has {len(cases)} case(s); BMAD's split needs at least {len(GROUPS)} "
-                "(one patient each for train, valid good/Ungood, test good/Ungood)",
+                f"{self.raw} has {len(usable)} usable case(s); BMAD's split needs at least {len(GROUPS)} "
+                "(one patient each for train, valid good/Ungood, test good/Ungood)" + _first_reason(skipped),
                 hint="add cases, or pass --test-only to write every slice of these cases to test/",
             )
-        flags = list(_threaded_map(self._scan, cases, self.workers, "scan", progress))
         start = self.slices[0]
         plan = plan_test_only(flags, start) if self.test_only else plan_split(flags, start, self.split_seed)
         if not self.test_only:
-            sizes = split_sizes(len(cases))
+            sizes = split_sizes(len(usable))
             for size in sizes:
                 if not any(c.split == size.split and c.label == size.label for c in plan.choices):
                     kind = "normal (all-zero segmentation)" if size.label == "good" else "tumour"
@@ -541,71 +531,38 @@ class BraTS2021(Reorganizer):
                     )
         for msg in plan.shortfalls:
             log.warning("brats2021: %s", msg)
-        return plan
+        return plan, usable
 
-    def prepare(self, out: str | os.PathLike, *, progress: bool = True) -> Path:
-        """Write ``out/Brain/`` (images, masks, manifest.csv) atomically and return it.
+    def prepare(self, out: str | os.PathLike, *, progress: bool = True) -> Summary:
+        """Write ``out/Brain/`` (images, masks, manifest.csv) through :func:`write_bench`.
 
-        An existing ``Brain/`` with an identical manifest is kept; a different one is
-        refused unless ``overwrite``.
+        A re-run with the same options and inputs verifies and keeps the bench; a
+        different existing ``Brain/`` is refused unless ``overwrite``.
         """
         out = Path(out)
-        cases = self.find_cases()
-        plan = self.plan(cases, progress=progress)
+        skipped: list[tuple[str, str]] = []
+        cases = self.find_cases(skipped)
+        options = {"dataset": self.name, "flair_pattern": self.flair_pattern, "seg_pattern": self.seg_pattern,
+                   "brainmask_pattern": self.brainmask_pattern, "slices": self.slices,
+                   "split_seed": self.split_seed, "test_only": self.test_only}
+        files = [p for c in cases for p in (c.flair, c.seg, c.brainmask) if p is not None]
+        fp = input_fingerprint(options, files, self.raw)
+        kept = verified_bench(out / self.folder, fp)
+        if kept is not None:
+            return kept
+        plan, cases = self.plan(cases, progress=progress, skipped=skipped)
         by_case: dict[int, list[SliceChoice]] = {}
         for c in sorted(plan.choices, key=lambda c: (c.case, c.slice)):
             by_case.setdefault(c.case, []).append(c)
-
-        out.mkdir(parents=True, exist_ok=True)
-        final = out / self.folder
-        tmp = _new_dir(out, f".{self.folder}.tmp-")
-        try:
-            for split, label in {(c.split, c.label) for c in plan.choices}:
-                (tmp / split / label / "img").mkdir(parents=True, exist_ok=True)
-                if label == "Ungood":
-                    (tmp / split / label / "anomaly_mask").mkdir(parents=True, exist_ok=True)
-            jobs = [(cases[i], by_case[i], tmp) for i in sorted(by_case)]
-            rows = [r for rows in _threaded_map(self._write_case, jobs, self.workers, "write", progress) for r in rows]
-            rows.sort(key=lambda r: r["path"])
-            write_text_atomic(tmp / "manifest.csv", _manifest_text(rows))
-            counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "valid", "test")}
-            log.info("brats2021: %d cases -> %s; %d Ungood slices moved to the nearest tumour slice",
-                     len(cases), counts, plan.moved)
-            return _commit(tmp, final, self.overwrite)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        jobs = [Job(cases[i].case_id, cases[i].flair.relative_to(self.raw).as_posix(), (cases[i], by_case[i]))
+                for i in sorted(by_case)]
+        summary = write_bench(out, self.folder, jobs, self._write_case, fingerprint=fp, workers=self.workers,
+                              on_error=self.on_error, overwrite=self.overwrite, progress=progress, skipped=skipped)
+        log.info("brats2021: %d Ungood slices moved to the nearest tumour slice", plan.moved)
+        return summary
 
 
-def _manifest_text(rows: list[dict[str, str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _new_dir(parent: Path, prefix: str) -> Path:
-    """A new, uniquely named folder (mode from the umask, unlike ``tempfile.mkdtemp``'s 0700)."""
-    path = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
-    path.mkdir()
-    return path
-
-
-def _commit(tmp: Path, final: Path, overwrite: bool) -> Path:
-    """Rename ``tmp`` to ``final``; keep an identical existing ``final``, replace a different one only if asked."""
-    if final.exists():
-        old = final / "manifest.csv"
-        if old.is_file() and old.read_bytes() == (tmp / "manifest.csv").read_bytes():
-            log.warning("%s is already prepared with an identical manifest; kept it", final)
-            return final
-        if not overwrite:
-            raise UsageError(f"{final} already exists and differs from what these options produce",
-                             hint="pass --overwrite to replace it, or choose another --out")
-        trash = _new_dir(final.parent, f".{final.name}.old-")
-        final.rename(trash / final.name)
-        tmp.rename(final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    return final
+def _first_reason(skipped: list[tuple[str, str]] | None) -> str:
+    if not skipped:
+        return ""
+    return f"; {len(skipped)} set aside, e.g. {skipped[0][0]}: {skipped[0][1]}"

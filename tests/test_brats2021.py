@@ -58,7 +58,8 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bench(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert BraTS2021.synthetic_options(SHAPE) == {"slices": SLICES}
-    return BraTS2021(raw, **BraTS2021.synthetic_options(SHAPE)).prepare(tmp_path_factory.mktemp("out1"), progress=False)
+    out = tmp_path_factory.mktemp("out1")
+    return BraTS2021(raw, workers=2, **BraTS2021.synthetic_options(SHAPE)).prepare(out, progress=False).folder
 
 
 # -- the size rule ------------------------------------------------------------------
@@ -171,10 +172,11 @@ def test_images_are_robustly_normalised_inside_the_brain(raw: Path, bench: Path)
 
 
 def test_prepare_is_deterministic_and_keeps_an_identical_bench(raw: Path, bench: Path, tmp_path: Path) -> None:
-    again = BraTS2021(raw, slices=SLICES, workers=1).prepare(tmp_path, progress=False)
-    assert tree_bytes(again) == tree_bytes(bench)
+    again = BraTS2021(raw, slices=SLICES, workers=1).prepare(tmp_path, progress=False).folder
+    assert tree_bytes(again) == tree_bytes(bench)  # 1 worker and 2 workers: byte-identical
     before = (again / "manifest.csv").stat().st_mtime_ns
-    assert BraTS2021(raw, slices=SLICES).prepare(tmp_path, progress=False) == again
+    kept = BraTS2021(raw, slices=SLICES).prepare(tmp_path, progress=False)
+    assert kept.kept and kept.folder == again and sum(kept.counts.values()) == len(read_manifest(bench))
     assert (again / "manifest.csv").stat().st_mtime_ns == before
 
 
@@ -234,7 +236,7 @@ def test_real_cases(tmp_path: Path) -> None:
         BraTS2021(REAL, **options).prepare(tmp_path, progress=False)
     assert not (tmp_path / "Brain").exists()
 
-    bench = BraTS2021(REAL, test_only=True, **options).prepare(tmp_path, progress=False)
+    bench = BraTS2021(REAL, test_only=True, **options).prepare(tmp_path, progress=False).folder
     rows = read_manifest(bench)
     assert len(rows) == 2 * 90 and {r["split"] for r in rows} == {"test"}
     assert {r["label"] for r in rows} == {"good", "Ungood"}
@@ -265,14 +267,33 @@ def small_raw(raw: Path, tmp_path: Path) -> Path:
 
 def _fails(raw: Path, out: Path, match: str, **options: object) -> None:
     with pytest.raises(DataError, match=match):
-        BraTS2021(raw, slices=SLICES, **options).prepare(out, progress=False)
+        BraTS2021(raw, slices=SLICES, on_error="fail", **options).prepare(out, progress=False)
     assert not (out / "Brain").exists()
-    assert not list(out.glob(".Brain*"))
+    # what finished before the stop stays staged (complete files only) so a re-run resumes
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_missing_seg(small_raw: Path, tmp_path: Path) -> None:
     (small_raw / "Synth_00003" / "Synth_00003_seg.nii.gz").unlink()
     _fails(small_raw, tmp_path / "out", r"no file matching '\*_seg\.nii\.gz' in case folder .*Synth_00003")
+
+
+def test_on_error_skip_sets_a_bad_case_aside(raw: Path, tmp_path: Path) -> None:
+    subset = tmp_path / "raw"
+    for i in range(7):
+        shutil.copytree(raw / f"Synth_{i:05d}", subset / f"Synth_{i:05d}")
+    (subset / "Synth_00003" / "Synth_00003_seg.nii.gz").unlink()
+    seg = subset / "Synth_00005" / "Synth_00005_seg.nii.gz"
+    seg.write_bytes(seg.read_bytes()[:100])
+    summary = BraTS2021(subset, slices=SLICES).prepare(tmp_path / "out", progress=False)
+    assert [s for s, _ in summary.skipped] == ["Synth_00003", "Synth_00005"]
+    assert "no file matching '*_seg.nii.gz'" in summary.skipped[0][1]
+    assert "cannot read" in summary.skipped[1][1]
+    rows = read_manifest(summary.folder)
+    assert {r["patient"] for r in rows}.isdisjoint({"Synth_00003", "Synth_00005"})
+    assert len({r["patient"] for r in rows}) == 5  # the five usable cases, one per group
+    listed = (summary.folder / "skipped.csv").read_text()
+    assert "Synth_00003" in listed and "Synth_00005" in listed
 
 
 def test_ambiguous_pattern(small_raw: Path, tmp_path: Path) -> None:

@@ -1,0 +1,342 @@
+"""Shared machinery of the reorganizers: resumable, atomic bench writing.
+
+A reorganizer plans its split (which source goes to which split/label), then hands
+:func:`write_bench` a list of :class:`Job` s — one per source unit (a volume, a DICOM,
+a slide, a B-scan) — and a function that turns a job's payload into its output files.
+The writer:
+
+* builds the bench in a staging folder ``<out>/.<folder>.partial/`` and renames it to
+  ``<out>/<folder>`` only when every job is done (a reader never sees a half bench);
+* writes every file atomically and appends each finished job to a journal, so a
+  killed run resumes where it stopped and re-verifies (sha256) what it keeps;
+* keeps an existing, verified bench prepared with the same options and inputs
+  (idempotent re-runs), and refuses to replace a different one without ``--overwrite``;
+* applies the ``--on-error`` policy: ``skip`` records a bad input (file + reason) in
+  ``skipped.csv`` beside ``manifest.csv`` and goes on; ``fail`` stops at once;
+* runs jobs on ``--workers`` threads with a progress bar, holding one job's data per worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bmad.errors import DataError, UsageError
+from bmad.fsutil import sha256_file, write_bytes_atomic, write_text_atomic
+from bmad.reorganizer import MANIFEST_COLUMNS, Summary
+
+log = logging.getLogger(__name__)
+
+PNG_COMPRESS_LEVEL = 6
+ON_ERROR = ("skip", "fail")
+JOURNAL = "journal.jsonl"
+STATE = "prepare.json"
+SKIPPED = "skipped.csv"
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Deterministic PNG bytes of a uint8 [H, W] (gray) or [H, W, 3] (RGB) array."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False
+    )
+    return buf.getvalue()
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A binary mask (> 0) as 0/255 PNG bytes."""
+    return png_bytes((np.asarray(mask) > 0).astype(np.uint8) * 255)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One image (and its mask, for Ungood images of pixel-level benches) of a job.
+
+    ``name``: file name (``.png``); the writer places it at
+    ``<split>/<label>/img/<name>`` and the mask at ``<split>/<label>/anomaly_mask/<name>``.
+    """
+
+    split: str
+    label: str
+    name: str
+    image: bytes
+    mask: bytes | None = None
+    patient: str = ""
+    source: str = ""
+    slice: str = ""
+
+    def paths(self) -> tuple[str, str]:
+        img = f"{self.split}/{self.label}/img/{self.name}"
+        return img, (f"{self.split}/{self.label}/anomaly_mask/{self.name}" if self.mask is not None else "")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``key`` is unique and stable across runs (e.g. the source's relative
+    path); ``source`` is the file reported on error; ``payload`` goes to the job function."""
+
+    key: str
+    source: str
+    payload: Any = None
+
+
+def input_fingerprint(options: dict[str, Any], files: Sequence[Path], root: Path) -> str:
+    """sha256 of the options and the input listing (relative path, size, mtime) of ``files``."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for p in sorted(files):
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def threaded_map(
+    fn: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str, progress: bool, unit: str = "file"
+) -> Iterator[Any]:
+    """``map(fn, items)`` on ``workers`` threads, in order, at most ``2 * workers`` in flight."""
+    workers = max(1, int(workers))
+    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(
+        total=len(items), desc=desc, unit=unit, disable=not progress
+    ) as bar:
+        pending: dict[int, Future] = {}
+        nxt = 0
+        for i in range(len(items)):
+            while nxt < len(items) and len(pending) < 2 * workers:
+                pending[nxt] = pool.submit(fn, items[nxt])
+                nxt += 1
+            try:
+                result = pending.pop(i).result()
+            except BaseException:
+                for fut in pending.values():
+                    fut.cancel()
+                raise
+            bar.update(1)
+            yield result
+
+
+def write_bench(
+    out: Path,
+    folder: str,
+    jobs: Sequence[Job],
+    fn: Callable[[Any], list[Output]],
+    *,
+    fingerprint: str,
+    workers: int = 1,
+    on_error: str = "skip",
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "write",
+    skipped: Sequence[tuple[str, str]] = (),
+) -> Summary:
+    """Run ``fn`` on every job and write its outputs into ``out/folder`` (see module docs).
+
+    ``skipped``: inputs the reorganizer already set aside while planning (source, reason);
+    they are reported with those the jobs skip.
+    """
+    if on_error not in ON_ERROR:
+        raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("job keys must be unique")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / folder
+    if final.exists():
+        kept = verified_bench(final, fingerprint)
+        if kept is not None:
+            log.info("%s is already prepared with these options and inputs; verified and kept", final)
+            return kept
+        if not overwrite:
+            raise UsageError(f"{final} already exists and differs from what these options and inputs produce",
+                             hint="pass --overwrite to replace it, or choose another --out")
+    stage = _Stage(out / f".{folder}.partial", fingerprint)
+    summary = Summary(final, skipped=list(skipped))
+    rows: list[dict[str, str]] = []
+    todo = []
+    for job in jobs:
+        done = stage.verified(job.key)
+        if done is None:
+            todo.append(job)
+        else:
+            rows += done["rows"]
+            summary.skipped += [tuple(s) for s in done.get("skipped", [])]
+            summary.reused += 1
+
+    def run(job: Job) -> tuple[Job, list[Output] | None, str | None]:
+        try:
+            return job, fn(job.payload), None
+        except DataError as exc:
+            if on_error == "fail":
+                raise
+            return job, None, str(exc).replace("\n", " ")
+
+    for job, outputs, error in threaded_map(run, todo, workers, desc, progress):
+        if error is not None:
+            stage.record(job.key, [], [(job.source, error)])
+            summary.skipped.append((job.source, error))
+            continue
+        new_rows = [stage.write(o) for o in outputs]
+        stage.record(job.key, new_rows, [])
+        rows += new_rows
+    rows.sort(key=lambda r: r["path"])
+    if not rows:
+        raise DataError(f"nothing to write into {final}: every input was skipped",
+                        hint="see the reasons above; fix the inputs or --raw")
+    for r in rows:
+        summary.counts[(r["split"], r["label"])] = summary.counts.get((r["split"], r["label"]), 0) + 1
+    stage.finish(rows, summary.skipped)
+    _commit(stage.path, final)
+    return summary
+
+
+class _Stage:
+    """The staging folder: files written atomically, a journal line per finished job."""
+
+    def __init__(self, path: Path, fp: str) -> None:
+        self.path = path
+        state = path / STATE
+        if path.exists():
+            try:
+                same = json.loads(state.read_text())["fingerprint"] == fp
+            except (OSError, ValueError, KeyError, TypeError):
+                same = False
+            if not same:
+                shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not state.exists():
+            write_text_atomic(state, json.dumps({"fingerprint": fp}) + "\n")
+        self.journal: dict[str, dict[str, Any]] = {}
+        jpath = path / JOURNAL
+        if jpath.exists():
+            for line in jpath.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn last line is ignored
+                    entry = json.loads(line)
+                    self.journal[entry["key"]] = entry
+        for tmp in path.rglob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        self._journal = open(jpath, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+
+    def verified(self, key: str) -> dict[str, Any] | None:
+        """The journal entry of ``key`` if every file it lists is present with its sha256."""
+        entry = self.journal.get(key)
+        if entry is None:
+            return None
+        for r in entry["rows"]:
+            p = self.path / r["path"]
+            if not p.is_file() or sha256_file(p) != r["sha256"]:
+                return None
+            if r["mask"] and not (self.path / r["mask"]).is_file():
+                return None
+        return entry
+
+    def write(self, o: Output) -> dict[str, str]:
+        img, mask = o.paths()
+        write_bytes_atomic(self.path / img, o.image)
+        if o.mask is not None:
+            write_bytes_atomic(self.path / mask, o.mask)
+        return {"path": img, "split": o.split, "label": o.label, "mask": mask, "patient": o.patient,
+                "source": o.source, "slice": o.slice, "sha256": hashlib.sha256(o.image).hexdigest()}
+
+    def record(self, key: str, rows: list[dict[str, str]], skipped: list[tuple[str, str]]) -> None:
+        self._journal.write(json.dumps({"key": key, "rows": rows, "skipped": skipped}) + "\n")
+        self._journal.flush()
+        os.fsync(self._journal.fileno())
+
+    def finish(self, rows: list[dict[str, str]], skipped: list[tuple[str, str]]) -> None:
+        self._journal.close()
+        write_text_atomic(self.path / "manifest.csv", manifest_text(rows))
+        if skipped:
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(["source", "reason"])
+            w.writerows(sorted(skipped))
+            write_text_atomic(self.path / SKIPPED, buf.getvalue())
+        (self.path / JOURNAL).unlink()
+        state = json.loads((self.path / STATE).read_text())
+        state["manifest_sha256"] = hashlib.sha256(manifest_text(rows).encode()).hexdigest()
+        write_text_atomic(self.path / STATE, json.dumps(state, sort_keys=True) + "\n")
+
+
+def manifest_text(rows: Sequence[dict[str, str]]) -> str:
+    """``manifest.csv`` text for ``rows`` (columns :data:`bmad.reorganizer.MANIFEST_COLUMNS`)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def verified_bench(final: Path, fp: str) -> Summary | None:
+    """A Summary for ``final`` if it was prepared with fingerprint ``fp`` and every file verifies.
+
+    Reorganizers call it before a costly planning pass so that a re-run on the same
+    inputs returns at once; :func:`write_bench` calls it too.
+    """
+    try:
+        state = json.loads((final / STATE).read_text())
+        manifest = (final / "manifest.csv").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    if state.get("fingerprint") != fp or hashlib.sha256(manifest.encode()).hexdigest() != state.get(
+        "manifest_sha256"
+    ):
+        return None
+    summary = Summary(final, kept=True)
+    for r in csv.DictReader(io.StringIO(manifest)):
+        p = final / r["path"]
+        if not p.is_file() or sha256_file(p) != r["sha256"] or (r["mask"] and not (final / r["mask"]).is_file()):
+            return None
+        summary.counts[(r["split"], r["label"])] = summary.counts.get((r["split"], r["label"]), 0) + 1
+    if (final / SKIPPED).is_file():
+        text = (final / SKIPPED).read_text(encoding="utf-8")
+        summary.skipped = [(r["source"], r["reason"]) for r in csv.DictReader(io.StringIO(text))]
+    return summary
+
+
+def _commit(stage: Path, final: Path) -> None:
+    """Rename the finished staging folder to ``final`` (replacing an old one via a trash folder)."""
+    if final.exists():
+        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+        final.rename(trash)
+        stage.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        stage.rename(final)
+
+
+def proportional(bmad_sizes: Sequence[int], bmad_total: int, n: int, *, minimum: int = 1) -> list[int]:
+    """Scale BMAD's group sizes to ``n`` available units (largest remainder, each >= ``minimum``).
+
+    With ``n == bmad_total`` the sizes are BMAD's exactly.
+    """
+    if n >= bmad_total:
+        return list(bmad_sizes)
+    raw = [s * n / bmad_total for s in bmad_sizes]
+    sizes = [int(np.floor(r)) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - sizes[i]), i))
+    for i in order[: round(sum(raw)) - sum(sizes)]:
+        sizes[i] += 1
+    for i, s in enumerate(sizes):
+        if s < minimum:
+            j = max(range(len(sizes)), key=lambda k: (sizes[k], -k))
+            if sizes[j] - 1 < minimum:
+                raise DataError(f"{n} inputs are too few for {len(sizes)} non-empty groups",
+                                hint="give more raw data")
+            sizes[j] -= 1
+            sizes[i] += 1
+    return sizes

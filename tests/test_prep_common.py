@@ -1,0 +1,120 @@
+"""The shared bench writer: layout, resume after a crash, idempotent re-runs, --on-error."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bmad.errors import DataError, UsageError
+from datasets_prep.common import Job, Output, mask_png, png_bytes, proportional, write_bench
+
+
+class Crash(BaseException):
+    """Stands in for a kill: not an Exception, so nothing catches it."""
+
+
+def _job_fn(calls: list[str], crash_after: int | None = None, bad: set[str] = frozenset()):
+    def fn(payload: tuple[str, int]) -> list[Output]:
+        key, value = payload
+        if crash_after is not None and len(calls) >= crash_after:
+            raise Crash
+        calls.append(key)
+        if key in bad:
+            raise DataError(f"{key}.raw is corrupt", hint="re-download it")
+        img = np.full((8, 8), value, np.uint8)
+        split, label = ("train", "good") if value % 3 else ("test", "Ungood")
+        mask = mask_png(img > 0) if label == "Ungood" else None
+        return [Output(split, label, f"{key}.png", png_bytes(img), mask, patient=key, source=f"{key}.raw")]
+
+    return fn
+
+
+def _jobs(n: int = 9) -> list[Job]:
+    return [Job(f"case{i}", f"case{i}.raw", (f"case{i}", 10 + i)) for i in range(n)]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_manifest_and_summary(tmp_path: Path) -> None:
+    calls: list[str] = []
+    s = write_bench(tmp_path, "B", _jobs(), _job_fn(calls), fingerprint="f1", workers=2, progress=False)
+    root = tmp_path / "B"
+    rows = list(csv.DictReader(open(root / "manifest.csv")))
+    assert len(rows) == 9 and sorted(calls) == sorted(j.key for j in _jobs())
+    for r in rows:
+        assert hashlib.sha256((root / r["path"]).read_bytes()).hexdigest() == r["sha256"]
+        assert bool(r["mask"]) == (r["label"] == "Ungood")
+        assert r["path"].startswith(f"{r['split']}/{r['label']}/img/")
+    assert s.counts == {("test", "Ungood"): 3, ("train", "good"): 6}
+    assert "train: good 6" in s.text() and "test : Ungood 3" in s.text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging renamed away
+
+
+def test_resume_after_crash_gives_identical_bench(tmp_path: Path) -> None:
+    ref = tmp_path / "ref"
+    write_bench(ref, "B", _jobs(), _job_fn([]), fingerprint="f1", progress=False)
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        write_bench(out, "B", _jobs(), _job_fn([], crash_after=4), fingerprint="f1", progress=False)
+    assert not (out / "B").exists() and (out / ".B.partial").is_dir()
+    calls: list[str] = []
+    s = write_bench(out, "B", _jobs(), _job_fn(calls), fingerprint="f1", progress=False)
+    assert s.reused == 4 and len(calls) == 5
+    assert _tree(out / "B") == _tree(ref / "B")
+
+
+def test_tampered_staged_file_is_redone(tmp_path: Path) -> None:
+    with pytest.raises(Crash):
+        write_bench(tmp_path, "B", _jobs(), _job_fn([], crash_after=3), fingerprint="f1", progress=False)
+    victim = next((tmp_path / ".B.partial").rglob("case0.png"))
+    victim.write_bytes(b"garbage")
+    calls: list[str] = []
+    write_bench(tmp_path, "B", _jobs(), _job_fn(calls), fingerprint="f1", progress=False)
+    assert "case0" in calls and len(calls) == 7
+
+
+def test_rerun_is_idempotent_and_changes_need_overwrite(tmp_path: Path) -> None:
+    write_bench(tmp_path, "B", _jobs(), _job_fn([]), fingerprint="f1", progress=False)
+    before = _tree(tmp_path / "B")
+    calls: list[str] = []
+    s = write_bench(tmp_path, "B", _jobs(), _job_fn(calls), fingerprint="f1", progress=False)
+    assert s.kept and calls == [] and _tree(tmp_path / "B") == before
+    with pytest.raises(UsageError, match="differs"):
+        write_bench(tmp_path, "B", _jobs(5), _job_fn([]), fingerprint="f2", progress=False)
+    s = write_bench(tmp_path, "B", _jobs(5), _job_fn([]), fingerprint="f2", overwrite=True, progress=False)
+    assert sum(s.counts.values()) == 5
+    # a damaged file in a finished bench is detected: the bench no longer verifies
+    next((tmp_path / "B").rglob("case1.png")).write_bytes(b"x")
+    with pytest.raises(UsageError):
+        write_bench(tmp_path, "B", _jobs(5), _job_fn([]), fingerprint="f2", progress=False)
+
+
+def test_on_error_skip_and_fail(tmp_path: Path) -> None:
+    s = write_bench(tmp_path / "a", "B", _jobs(), _job_fn([], bad={"case2"}), fingerprint="f", progress=False)
+    assert s.skipped == [("case2.raw", "case2.raw is corrupt\n  fix: re-download it".replace("\n", " "))]
+    rows = list(csv.DictReader(open(tmp_path / "a" / "B" / "skipped.csv")))
+    assert rows == [{"source": "case2.raw", "reason": s.skipped[0][1]}]
+    assert "case2.raw: case2.raw is corrupt" in s.text()
+    with pytest.raises(DataError, match="case2.raw is corrupt"):
+        write_bench(tmp_path / "b", "B", _jobs(), _job_fn([], bad={"case2"}), fingerprint="f", on_error="fail",
+                    progress=False)
+    assert not (tmp_path / "b" / "B").exists()
+    with pytest.raises(DataError, match="every input was skipped"):
+        write_bench(tmp_path / "c", "B", _jobs(2), _job_fn([], bad={"case0", "case1"}), fingerprint="f",
+                    progress=False)
+
+
+def test_proportional_sizes() -> None:
+    assert proportional([424, 39, 11, 162, 615], 1251, 1251) == [424, 39, 11, 162, 615]
+    small = proportional([424, 39, 11, 162, 615], 1251, 60)
+    assert sum(small) == 60 and min(small) >= 1
+    assert proportional([8000, 745, 745], 9490, 949) == [800, 75, 74]  # ties: largest remainder, lower index
+    with pytest.raises(DataError, match="too few"):
+        proportional([10, 10, 10], 30, 2)
