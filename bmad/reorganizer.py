@@ -92,8 +92,9 @@ class Reorganizer:
         raise NotImplementedError
 
     @classmethod
-    def synthesize(cls, raw: Path, *, n_cases: int, seed: int = 0, **kwargs: Any) -> Path:
-        """Write a small synthetic raw set in this dataset's raw layout (tests, demo)."""
+    def synthesize(cls, raw: Path, *, n: int, seed: int = 0, **kwargs: Any) -> Path:
+        """Write a synthetic raw set of ``n`` units (cases, images, slides) in this dataset's raw
+        layout at the real image sizes (tests, demo, benchmarks/prepare.py); return ``raw``."""
         raise NotImplementedError(f"{cls.__name__} has no synthetic raw generator")
 
     @classmethod

@@ -386,13 +386,13 @@ RAW/                                  (--raw: BraTS2021_Training_Data, 1,251 cas
                                  "or data for evaluation only)")
 
     @classmethod
-    def synthesize(cls, raw: Path, *, n_cases: int = synthetic.DEMO_CASES, seed: int = 0,
+    def synthesize(cls, raw: Path, *, n: int = synthetic.DEMO_CASES, seed: int = 0,
                    shape: tuple[int, int, int] = synthetic.DEMO_SHAPE) -> Path:
         """Write a synthetic BraTS-like raw set (:func:`datasets_prep.synthetic.write_raw`).
 
         The defaults make the demo set; prepare it with :meth:`synthetic_options`.
         """
-        return synthetic.write_raw(Path(raw), n_cases=n_cases, seed=seed, shape=shape)
+        return synthetic.write_raw(Path(raw), n_cases=n, seed=seed, shape=shape)
 
     @classmethod
     def synthetic_options(cls, shape: tuple[int, int, int] = synthetic.DEMO_SHAPE) -> dict[str, str]:

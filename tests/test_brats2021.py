@@ -48,7 +48,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    raw = BraTS2021.synthesize(tmp_path_factory.mktemp("raw"), n_cases=N_CASES, seed=0, shape=SHAPE)
+    raw = BraTS2021.synthesize(tmp_path_factory.mktemp("raw"), n=N_CASES, seed=0, shape=SHAPE)
     (raw / "README.txt").write_text("junk at the top level is ignored\n")
     (raw / "Synth_00000" / "notes.json").write_text("{}\n")
     (raw / "empty_folder").mkdir()
@@ -200,7 +200,7 @@ def test_split_seed_changes_the_split_and_overwrite_is_needed(raw: Path, bench: 
 
 
 def test_synthetic_cases_are_reproducible(raw: Path, tmp_path: Path) -> None:
-    again = BraTS2021.synthesize(tmp_path, n_cases=2, seed=0, shape=SHAPE)
+    again = BraTS2021.synthesize(tmp_path, n=2, seed=0, shape=SHAPE)
     for case in ("Synth_00000", "Synth_00001"):
         for kind in ("flair", "seg"):
             name = f"{case}/{case}_{kind}.nii.gz"
