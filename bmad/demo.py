@@ -32,7 +32,7 @@ def ensure_demo_data(data_root: Path, *, progress: bool = True) -> Path:
         if progress:
             print(f"generating the synthetic demo set in {bench} (once) ...", flush=True)
         raw = cls.synthesize(tmp / "raw", seed=DEMO_SEED)
-        cls(raw, **cls.synthetic_options()).prepare(out, progress=progress)
+        cls(**cls.synthetic_options(raw)).prepare(out, progress=progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return bench

@@ -98,9 +98,10 @@ class Reorganizer:
         raise NotImplementedError(f"{cls.__name__} has no synthetic raw generator")
 
     @classmethod
-    def synthetic_options(cls) -> dict[str, Any]:
-        """Constructor options (besides ``raw``) that prepare what :meth:`synthesize` writes."""
-        return {}
+    def synthetic_options(cls, raw: Path) -> dict[str, Any]:
+        """Constructor keyword arguments (where the inputs are included) that prepare the
+        set :meth:`synthesize` wrote under ``raw``."""
+        return {"raw": Path(raw)}
 
 
 reorganizers: Registry[Reorganizer] = Registry("bmad.reorganizers", "dataset")

@@ -24,6 +24,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -395,9 +396,12 @@ RAW/                                  (--raw: BraTS2021_Training_Data, 1,251 cas
         return synthetic.write_raw(Path(raw), n_cases=n, seed=seed, shape=shape)
 
     @classmethod
-    def synthetic_options(cls, shape: tuple[int, int, int] = synthetic.DEMO_SHAPE) -> dict[str, str]:
-        """Constructor options that prepare a :meth:`synthesize` set of this ``shape`` (its slice range)."""
-        return {"slices": synthetic.slice_range(shape[2])}
+    def synthetic_options(cls, raw: Path) -> dict[str, Any]:
+        """``raw`` and the slice range that fits the synthetic volumes' depth (read from a header)."""
+        segs = sorted(Path(raw).glob("*/*_seg.nii.gz"))
+        if not segs:
+            raise DataError(f"no synthetic cases in {raw}", hint="write them with BraTS2021.synthesize first")
+        return {"raw": Path(raw), "slices": synthetic.slice_range(nib.load(segs[0]).shape[2])}
 
     # -- finding the cases ---------------------------------------------------------
     def find_cases(self, skipped: list[tuple[str, str]] | None = None) -> list[Case]:

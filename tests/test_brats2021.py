@@ -57,9 +57,9 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bench(raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    assert BraTS2021.synthetic_options(SHAPE) == {"slices": SLICES}
+    assert BraTS2021.synthetic_options(raw) == {"raw": raw, "slices": SLICES}
     out = tmp_path_factory.mktemp("out1")
-    return BraTS2021(raw, workers=2, **BraTS2021.synthetic_options(SHAPE)).prepare(out, progress=False).folder
+    return BraTS2021(workers=2, **BraTS2021.synthetic_options(raw)).prepare(out, progress=False).folder
 
 
 # -- the size rule ------------------------------------------------------------------
