@@ -12,26 +12,41 @@ from pathlib import Path
 from typing import IO, Any
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Open a temp file beside ``path``; on success fsync and rename it over ``path``.
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
-    On an exception the temp file is removed and ``path`` is left untouched.
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = True, **kwargs: Any) -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success rename it over ``path`` (fsynced first
+    when ``durable``). The file gets the usual permissions (0666 less the umask).
+
+    On an exception the temp file is removed and ``path`` is left untouched. Without
+    ``durable`` a crash can still lose the content (never expose half of it): for bulk
+    outputs that are verified by checksum on the next run.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -43,9 +58,9 @@ def _fsync_dir(folder: Path) -> None:
             os.close(dfd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as fh:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb", durable=durable) as fh:
         fh.write(data)
 
 

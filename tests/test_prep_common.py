@@ -80,6 +80,18 @@ def test_tampered_staged_file_is_redone(tmp_path: Path) -> None:
     assert "case0" in calls and len(calls) == 7
 
 
+def test_tampered_staged_mask_is_redone_and_files_are_world_readable(tmp_path: Path) -> None:
+    with pytest.raises(Crash):
+        write_bench(tmp_path, "B", _jobs(), _job_fn([], crash_after=4), fingerprint="f1", progress=False)
+    victim = next((tmp_path / ".B.partial").rglob("anomaly_mask/case2.png"))  # value 12: an Ungood job
+    victim.write_bytes(b"")
+    calls: list[str] = []
+    write_bench(tmp_path, "B", _jobs(), _job_fn(calls), fingerprint="f1", progress=False)
+    assert victim.stem in calls
+    for p in (tmp_path / "B").rglob("*.png"):
+        assert p.stat().st_mode & 0o044 == 0o044, f"{p} is not readable by group/others"
+
+
 def test_rerun_is_idempotent_and_changes_need_overwrite(tmp_path: Path) -> None:
     write_bench(tmp_path, "B", _jobs(), _job_fn([]), fingerprint="f1", progress=False)
     before = _tree(tmp_path / "B")
