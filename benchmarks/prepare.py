@@ -26,8 +26,10 @@ DEFAULT_N = {"brats2021": 12, "liver": 4, "resc": 6, "oct2017": 400, "rsna": 200
 REAL_SIZE = {"brats2021": {"shape": (240, 240, 155)}}
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
+with open("/proc/self/clear_refs", "w") as fh:  # VmHWM is inherited through fork: reset it
+    fh.write("5")
 from bmad.reorganizer import reorganizers
 name, raw, out, workers = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 cls = reorganizers.get(name).cls
@@ -35,7 +37,7 @@ t0 = time.perf_counter()
 summary = cls(**cls.synthetic_options(raw), workers=workers).prepare(out, progress=False)
 seconds = time.perf_counter() - t0
 images = sum(summary.counts.values())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")) / 1024
 print(json.dumps({"seconds": seconds, "images": images, "peak_rss_mb": peak}))
 """
 

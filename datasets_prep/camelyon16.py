@@ -650,7 +650,7 @@ testing/reference.csv                                 test_001,Tumor,... / test_
     # -- synthetic raw data ----------------------------------------------------------------
     @classmethod
     def synthesize(cls, raw: Path, *, n: int = 8, seed: int = 0, size: tuple[int, int] = (16384, 12288),
-                   tile: int = 512, compression: str = "jpeg", **kwargs: Any) -> Path:
+                   tile: int = 512, compression: str = "jpeg") -> Path:
         """Write a synthetic CAMELYON16 raw set of ``n`` slides (at least 5) and return ``raw``.
 
         Pyramidal tiled TIFFs that OpenSlide opens as ``generic-tiff`` (as ASAP's converter
@@ -664,11 +664,6 @@ testing/reference.csv                                 test_001,Tumor,... / test_
         the protocol). Real CAMELYON16 slides are ~100,000 pixels a side: the patch rate
         does not depend on the slide size, the tissue scan grows with its area.
         """
-        n_cases = kwargs.pop("n_cases", None)  # the older name of ``n``
-        if n_cases is not None:
-            n = int(n_cases)
-        if kwargs:
-            raise TypeError(f"unexpected options {sorted(kwargs)}")
         return write_synthetic_raw(Path(raw), n=n, seed=seed, size=size, tile=tile, compression=compression)
 
 

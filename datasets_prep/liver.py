@@ -572,8 +572,7 @@ class Liver(Reorganizer):
 
     # -- synthetic raw data ----------------------------------------------------------
     @classmethod
-    def synthesize(cls, raw: Path, *, n: int | None = None, seed: int = 0, n_cases: int | None = None,
-                   n_btcv: int | None = None, n_lits: int | None = None,
+    def synthesize(cls, raw: Path, *, n: int = 4, seed: int = 0, n_btcv: int | None = None, n_lits: int | None = None,
                    btcv_shape: tuple[int, int, int] = (512, 512, 100),
                    lits_shape: tuple[int, int, int] = (512, 512, 120)) -> Path:
         """Write ``n`` BTCV and ``n`` LiTS phantom CTs in their true layouts under ``raw``.
@@ -586,7 +585,6 @@ class Liver(Reorganizer):
         """
         from bmad.fsutil import write_bytes_atomic
 
-        n = n if n is not None else (n_cases if n_cases is not None else 4)
         n_btcv = n if n_btcv is None else n_btcv
         n_lits = n if n_lits is None else n_lits
         raw = Path(raw)
@@ -604,11 +602,6 @@ class Liver(Reorganizer):
                 img = _stored(data, lits_shape, codes[i % 3], spacing_z=2.5)
                 write_bytes_atomic(batch / f"{name}.nii", img.to_bytes())
         return raw
-
-    @classmethod
-    def synthetic_options(cls) -> dict[str, Any]:
-        """None besides ``raw`` (defaults prepare what :meth:`synthesize` writes)."""
-        return {}
 
     # -- scan and plan ---------------------------------------------------------------
     def _roi_labels(self, kind: str) -> list[int]:

@@ -368,21 +368,18 @@ the label folder may also carry the image folder's own name. The test set (no la
 
     # -- synthetic raw data ------------------------------------------------------
     @classmethod
-    def synthesize(cls, raw: Path, *, n: int | None = None, seed: int = 0, n_cases: int | None = None,
-                   n_valid: int | None = None, slices: int = 128, shape: tuple[int, int] = (1024, 512),
-                   ext: str = "bmp", **kwargs: Any) -> Path:
+    def synthesize(cls, raw: Path, *, n: int = 6, seed: int = 0, n_valid: int | None = None, slices: int = 128, shape: tuple[int, int] = (1024, 512),
+                   ext: str = "bmp") -> Path:
         """Write a synthetic RESC raw set in the AI Challenger layout and return ``raw``.
 
-        ``n`` (or ``n_cases``, default 6) OCT cubes of ``slices`` B-scans of ``shape``
+        ``n`` OCT cubes of ``slices`` B-scans of ``shape``
         (rows, columns; RESC's is 1024 x 512), 8-bit gray ``.bmp`` (or ``ext="png"``);
         ``n_valid`` of them (default ``max(2, round(n * 15 / 85))``) in the validation
         set, the rest in the training set. Each cube has a run of lesion B-scans around
         its middle (REA 255 with SRF 191 and PED 128 inside; dark fluid in the image)
         between normal B-scans; every third training cube has no lesion at all.
         """
-        if kwargs:
-            raise TypeError(f"unexpected options {sorted(kwargs)}")
-        return write_synthetic_raw(Path(raw), n_cases=int(n if n is not None else n_cases or 6), n_valid=n_valid,
+        return write_synthetic_raw(Path(raw), n_cases=int(n), n_valid=n_valid,
                                    seed=seed, slices=slices, shape=(int(shape[0]), int(shape[1])), ext=ext)
 
     # -- finding the inputs ------------------------------------------------------
