@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +52,8 @@ class AnomalibAlgorithm(Algorithm):
     - ``anomalib_class``: the class name in ``anomalib.models`` (e.g. "Patchcore").
     - :meth:`model_kwargs`: the hyper-parameters passed to that class.
     - ``trains_by_epochs``: False for memory-bank models (one pass over the training
-      set, then the module's ``fit()``). Gradient-trained models are not wired yet.
+      set, then the module's ``fit()``); gradient-trained ones subclass
+      :class:`AnomalibTrainedAlgorithm`.
     - ``imagenet_normalize``: False for models that take [0, 1] input (DRAEM).
     - :meth:`pre_processor`: for classes that read their input size from it.
     - :meth:`weights_spec` / :meth:`load_pretrained`: which weights, loaded where.
@@ -175,3 +177,116 @@ class AnomalibAlgorithm(Algorithm):
             std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
             x = (x - mean) / std
         return x
+
+
+class AnomalibTrainedAlgorithm(AnomalibAlgorithm):
+    """Base class of the gradient-trained anomalib models.
+
+    Training reuses the module's own ``training_step`` and ``backward`` (CFA's keeps
+    its graph) with the optimisers of :meth:`make_optimizers` (the module's
+    ``configure_optimizers`` unless BMAD's settings differ). Manual-optimisation
+    modules (CFLOW, GANomaly) get ``optimizers()`` and ``manual_backward`` without a
+    Trainer. Every ``eval_every`` epochs (and after the last) the image AUROC on the
+    valid split is computed; the best checkpoint is kept and restored at the end (BMAD's
+    selection: validation only, never test). ``patience`` (in evaluations) stops early.
+    ``history`` gets ``{"epoch", "train_loss"[, "val_image_auroc"]}`` per epoch and a
+    final ``{"selected_epoch", "val_image_auroc"}``.
+    """
+
+    trains_by_epochs: ClassVar[bool] = True
+    grad_clip_norm: ClassVar[float | None] = None
+
+    epochs: int
+    eval_every: int
+    patience: int | None
+    batch_size: int
+
+    def make_optimizers(self, lm: nn.Module) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        """Optimisers and LR schedulers: the module's ``configure_optimizers`` by default."""
+        return _split_optimizers(lm.configure_optimizers())
+
+    def on_fit_start(self, lm: nn.Module, train: Iterable[Batch]) -> None:
+        """Work the module does before its first epoch under Lightning (e.g. CFA's centroid)."""
+
+    def fit(self, train: Iterable[Batch], val: Iterable[Batch] | None = None) -> None:
+        """Train for ``epochs`` epochs, select the best checkpoint on ``val``."""
+        import copy
+
+        from anomalib.data import ImageBatch
+
+        lm = self.build()
+        optimizers, schedulers = self.make_optimizers(lm)
+        if not lm.automatic_optimization:
+            single = optimizers[0] if len(optimizers) == 1 else optimizers
+            lm.optimizers = lambda use_pl_optimizer=True: single  # no Trainer: hand them over directly
+            lm.manual_backward = lambda loss, *a, **k: loss.backward(*a, **k)
+        self.on_fit_start(lm, train)
+        best: tuple[float, dict[str, torch.Tensor] | None, int] = (-1.0, None, 0)
+        stale = 0
+        step = 0
+        for epoch in range(1, self.epochs + 1):
+            lm.train()
+            losses = []
+            with warnings.catch_warnings():  # self.log() without a Trainer warns once per call
+                warnings.simplefilter("ignore")
+                for batch in train:
+                    losses.append(self._train_step(lm, ImageBatch(image=self._prepare(batch_images(batch))),
+                                                   optimizers, step))
+                    step += 1
+            for sched in schedulers:
+                sched.step()
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None}
+            if val is not None and (epoch % self.eval_every == 0 or epoch == self.epochs):
+                auroc = self._validate(val)
+                record["val_image_auroc"] = auroc
+                if auroc is not None and auroc > best[0]:
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
+                    best, stale = (auroc, state, epoch), 0
+                elif auroc is not None:  # a valid split without both classes cannot select
+                    stale += 1
+            self.history.append(record)
+            if self.patience is not None and stale >= self.patience:
+                break
+        if best[1] is not None:
+            lm.load_state_dict(copy.deepcopy(best[1]))
+            self.history.append({"selected_epoch": best[2], "val_image_auroc": best[0]})
+        lm.eval()
+
+    def _train_step(self, lm: nn.Module, batch: Any, optimizers: list[torch.optim.Optimizer], step: int) -> float:
+        out = lm.training_step(batch, step)
+        loss = out["loss"] if isinstance(out, dict) else out
+        if lm.automatic_optimization:
+            for opt in optimizers:
+                opt.zero_grad()
+            lm.backward(loss)
+            if self.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(lm.parameters(), self.grad_clip_norm)
+            for opt in optimizers:
+                opt.step()
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _validate(self, val: Iterable[Batch]) -> float | None:
+        """Image AUROC on the valid split (None when it lacks a class)."""
+        from bmad.metrics import image_auroc
+
+        scores, labels = [], []
+        for batch in val:
+            scores.append(self.predict_map(batch_images(batch)).scores)
+            labels.append(np.asarray(batch["label"]))
+        y = np.concatenate(labels)
+        if len(np.unique(y)) < 2:
+            return None
+        return image_auroc(np.concatenate(scores), y)
+
+
+def _split_optimizers(conf: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+    """Lightning's ``configure_optimizers`` return forms -> (optimisers, schedulers)."""
+    if isinstance(conf, torch.optim.Optimizer):
+        return [conf], []
+    if isinstance(conf, dict):
+        sched = conf.get("lr_scheduler")
+        sched = sched.get("scheduler") if isinstance(sched, dict) else sched
+        return [conf["optimizer"]], [sched] if sched is not None else []
+    if isinstance(conf, tuple) and len(conf) == 2 and isinstance(conf[0], list):
+        return list(conf[0]), [s["scheduler"] if isinstance(s, dict) else s for s in conf[1]]
+    return list(conf), []

@@ -47,10 +47,10 @@ def test_bmad_demo_end_to_end(tmp_path: Path) -> None:
         assert r["metrics"]["image_auroc"] >= 0.7, (r["algo"], r["seed"], r["metrics"])
         assert r["metrics"]["pixel_auroc"] >= 0.7
     assert "no pretrained weights cached" in out.stdout
-    assert "### demo" in out.stdout and "| patchcore_r18 | 2/2 |" in out.stdout and "| padim | 2/2 |" in out.stdout
+    assert "### demo" in out.stdout and "| patchcore_r18 | 2/2 |" in out.stdout and "| padim_r18 | 2/2 |" in out.stdout
 
     # `bmad run --bench demo` reuses the cached set and the finished records
-    again = run_bmad("run", "--algo", "padim", "--bench", "demo", "--param", "input_size=128", "--random-init",
+    again = run_bmad("run", "--algo", "padim_r18", "--bench", "demo", "--param", "input_size=128", "--random-init",
                      "--seeds", "2", "--data-root", str(tmp_path / "data"), "--results", str(tmp_path / "results"),
                      cwd=tmp_path)
     assert again.returncode == 0 and "0 done, 2 already done" in again.stdout

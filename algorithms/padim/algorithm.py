@@ -1,4 +1,4 @@
-"""PaDiM with BMAD's settings: resnet18 with 100 features (or wide_resnet50_2 with 550)."""
+"""PaDiM with BMAD's settings: wide_resnet50_2 with 550 features (``padim_r18``: resnet18 with 100)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from algorithms.anomalib_adapter import AnomalibAlgorithm
 from bmad.registry import register
 
 
-@register("padim_wr50", backbone="wide_resnet50_2", n_features=550)
+@register("padim_r18", backbone="resnet18", n_features=100)
 @register("padim")
 class Padim(AnomalibAlgorithm):
     """anomalib's ``Padim``; maps are raw Mahalanobis distances, the score is the map's maximum."""
@@ -21,9 +21,9 @@ class Padim(AnomalibAlgorithm):
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        backbone: str = "wide_resnet50_2",
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
-        n_features: int = 100,
+        n_features: int = 550,
         input_size: int | tuple[int, int] | None = 224,
         pretrained: bool = True,
         weights: str | None = None,
