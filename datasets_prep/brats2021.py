@@ -32,7 +32,18 @@ import numpy as np
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep import synthetic
-from datasets_prep.common import Job, Output, input_fingerprint, mask_png, png_bytes, threaded_map, verified_bench, write_bench
+from datasets_prep.common import (
+    Job,
+    Output,
+    input_fingerprint,
+    mask_png,
+    png_bytes,
+    share_quota,
+    spread,
+    threaded_map,
+    verified_bench,
+    write_bench,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,36 +150,6 @@ class SplitPlan:
     shortfalls: list[str] = field(default_factory=list)
 
 
-def _share(quota: int, capacity: Sequence[int]) -> list[int]:
-    """Split ``quota`` as evenly as possible over patients with the given capacities.
-
-    Capped patients give all they have and the rest goes to the others; within a
-    round the earlier patients get the extra one.
-    """
-    take = [0] * len(capacity)
-    remaining = quota
-    active = [i for i, c in enumerate(capacity) if c > 0]
-    while remaining > 0 and active:
-        base, extra = divmod(remaining, len(active))
-        still = []
-        for j, i in enumerate(active):
-            got = min(base + (j < extra), capacity[i] - take[i])
-            take[i] += got
-            remaining -= got
-            if take[i] < capacity[i]:
-                still.append(i)
-        active = still
-    return take
-
-
-def _spread(candidates: Sequence[int], k: int) -> list[int]:
-    """``k`` of the sorted ``candidates``, evenly spaced and centred (all of them when k >= len)."""
-    n = len(candidates)
-    if k >= n:
-        return list(candidates)
-    return [candidates[int(np.floor((i + 0.5) * n / k))] for i in range(k)]
-
-
 def _nearest_tumour(tumour: Sequence[int], targets: Sequence[int]) -> tuple[list[int], int]:
     """For each target in order, the nearest not yet chosen tumour slice (lower on ties).
 
@@ -200,8 +181,8 @@ def plan_split(tumour: Sequence[np.ndarray], start: int, seed: int) -> SplitPlan
     2. Each of the two lists, in sorted id order, is shuffled with the next
        ``rng.permutation``; normal-patients fill train, valid good, test good in that
        order, tumour patients valid Ungood then test Ungood.
-    3. Good groups share their slice quota over their patients (:func:`_share`, in
-       group order) and each patient gives evenly spaced normal slices (:func:`_spread`).
+    3. Good groups share their slice quota over their patients (:func:`~datasets_prep.common.share_quota`, in
+       group order) and each patient gives evenly spaced normal slices (:func:`~datasets_prep.common.spread`).
     4. Ungood patients give one slice per protocol offset, scaled to the range length
        (``start + floor(offset * length / 40 + 0.5)``), replaced by the nearest unused
        tumour slice in range when it has no tumour (lower slice on ties).
@@ -225,8 +206,8 @@ def plan_split(tumour: Sequence[np.ndarray], start: int, seed: int) -> SplitPlan
         pool = pools[size.label]
         patients, pools[size.label] = pool[: size.patients], pool[size.patients :]
         if group.offsets is None:
-            takes = _share(size.slices, [len(normal_slices[p]) for p in patients])
-            picks = {p: _spread(normal_slices[p], k) for p, k in zip(patients, takes, strict=True)}
+            takes = share_quota(size.slices, [len(normal_slices[p]) for p in patients])
+            picks = {p: spread(normal_slices[p], k) for p, k in zip(patients, takes, strict=True)}
         else:
             targets = [start + int(np.floor(o * length / (PROTOCOL_SLICES[1] - PROTOCOL_SLICES[0]) + 0.5))
                        for o in group.offsets]

@@ -53,6 +53,7 @@ from datasets_prep.common import (
     input_fingerprint,
     png_bytes,
     proportional,
+    share_quota,
     threaded_map,
     write_bench,
 )
@@ -140,28 +141,6 @@ def assign_eval_slides(normal: Sequence[str], tumour: Sequence[str], valid_slide
         for rank, i in enumerate(rng.permutation(len(ids))):
             out[ids[int(i)]] = "valid" if rank < k else "test"
     return out
-
-
-def share(quota: int, capacity: Sequence[int]) -> list[int]:
-    """Split ``quota`` as evenly as possible over slides with the given capacities.
-
-    Slides that hold fewer candidates than their share give all they have and the rest
-    goes to the others; within a round the earlier slides get the extra one.
-    """
-    take = [0] * len(capacity)
-    remaining = quota
-    active = [i for i, c in enumerate(capacity) if c > 0]
-    while remaining > 0 and active:
-        base, extra = divmod(remaining, len(active))
-        still = []
-        for j, i in enumerate(active):
-            got = min(base + (j < extra), capacity[i] - take[i])
-            take[i] += got
-            remaining -= got
-            if take[i] < capacity[i]:
-                still.append(i)
-        active = still
-    return take
 
 
 def slide_rng(seed: int, slide_id: str) -> np.random.Generator:
@@ -582,7 +561,7 @@ testing/reference.csv                                 test_001,Tumor,... / test_
         jobs: list[Job] = []
         shortfalls: list[str] = []
         for split, label, quota, members in groups:
-            takes = share(quota, [m.capacity for m in members])
+            takes = share_quota(quota, [m.capacity for m in members])
             if sum(takes) < quota:
                 shortfalls.append(f"{split}/{label}: {sum(takes)} of {quota} patches (its {len(members)} slide(s) "
                                   f"hold too few {'tissue' if label == GOOD else 'tumour'} patches)")

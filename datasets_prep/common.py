@@ -347,3 +347,33 @@ def proportional(bmad_sizes: Sequence[int], bmad_total: int, n: int, *, minimum:
             sizes[j] -= 1
             sizes[i] += 1
     return sizes
+
+
+def share_quota(quota: int, capacity: Sequence[int]) -> list[int]:
+    """Split ``quota`` as evenly as possible over units (patients, volumes, slides) with the given capacities.
+
+    Capped units give all they have and the rest goes to the others; within a
+    round the earlier units get the extra one.
+    """
+    take = [0] * len(capacity)
+    remaining = quota
+    active = [i for i, c in enumerate(capacity) if c > 0]
+    while remaining > 0 and active:
+        base, extra = divmod(remaining, len(active))
+        still = []
+        for j, i in enumerate(active):
+            got = min(base + (j < extra), capacity[i] - take[i])
+            take[i] += got
+            remaining -= got
+            if take[i] < capacity[i]:
+                still.append(i)
+        active = still
+    return take
+
+
+def spread(candidates: Sequence[int], k: int) -> list[int]:
+    """``k`` of the sorted ``candidates``, evenly spaced and centred (all of them when k >= len)."""
+    n = len(candidates)
+    if k >= n:
+        return list(candidates)
+    return [candidates[int(np.floor((i + 0.5) * n / k))] for i in range(k)]

@@ -43,6 +43,8 @@ from datasets_prep.common import (
     mask_png,
     png_bytes,
     proportional,
+    share_quota,
+    spread,
     threaded_map,
     write_bench,
 )
@@ -150,42 +152,12 @@ class Plan:
     shortfalls: list[str] = field(default_factory=list)
 
 
-def _share(quota: int, capacity: Sequence[int]) -> list[int]:
-    """Split ``quota`` as evenly as possible over volumes with the given capacities.
-
-    Each takes ``quota // n`` or one more (the earlier ones take the extra); a volume
-    with fewer slices gives all it has and the rest is shared again among the others.
-    """
-    take = [0] * len(capacity)
-    remaining = quota
-    active = [i for i, c in enumerate(capacity) if c > 0]
-    while remaining > 0 and active:
-        base, extra = divmod(remaining, len(active))
-        still = []
-        for j, i in enumerate(active):
-            got = min(base + (j < extra), capacity[i] - take[i])
-            take[i] += got
-            remaining -= got
-            if take[i] < capacity[i]:
-                still.append(i)
-        active = still
-    return take
-
-
-def _spread(candidates: Sequence[int], k: int) -> list[int]:
-    """``k`` of the sorted ``candidates`` at positions ``floor((i + 0.5) * n / k)``: evenly spaced, centred."""
-    n = len(candidates)
-    if k >= n:
-        return list(candidates)
-    return [candidates[int(np.floor((i + 0.5) * n / k))] for i in range(k)]
-
-
 def _fill(plan: Plan, members: Sequence[int], slices: Sequence[Sequence[int]], quota: int,
           split: str, label: str) -> None:
     """Take ``quota`` slices of ``slices[m]`` over ``members`` (in that order) into ``plan``."""
-    takes = _share(quota, [len(slices[m]) for m in members])
+    takes = share_quota(quota, [len(slices[m]) for m in members])
     for m, k in zip(members, takes, strict=True):
-        plan.choices += [Choice(m, s, split, label) for s in _spread(slices[m], k)]
+        plan.choices += [Choice(m, s, split, label) for s in spread(slices[m], k)]
     if sum(takes) < quota:
         kind = "tumour slices" if label == "Ungood" else "liver slices" if split == "train" else \
             "liver slices without tumour"
@@ -196,8 +168,8 @@ def _fill(plan: Plan, members: Sequence[int], slices: Sequence[Sequence[int]], q
 def plan_train(liver: Sequence[Sequence[int]], quota: int) -> Plan:
     """Train slices from the BTCV volumes' liver slices (volumes in sorted order).
 
-    The quota is shared over the volumes (:func:`_share`) and each gives evenly spaced
-    liver slices (:func:`_spread`); with fewer liver slices than the quota all are taken.
+    The quota is shared over the volumes (:func:`~datasets_prep.common.share_quota`) and each gives evenly spaced
+    liver slices (:func:`~datasets_prep.common.spread`); with fewer liver slices than the quota all are taken.
     """
     plan = Plan()
     _fill(plan, range(len(liver)), liver, quota, "train", "good")
@@ -214,7 +186,7 @@ def plan_lits(good: Sequence[Sequence[int]], tumour: Sequence[Sequence[int]], si
        both good and tumour slices (then, if too few have both, the next others in
        order); test takes the rest, in that order.
     3. Each group's good and Ungood quotas are shared over its volumes in that order
-       (:func:`_share`) and each volume gives evenly spaced slices (:func:`_spread`).
+       (:func:`~datasets_prep.common.share_quota`) and each volume gives evenly spaced slices (:func:`~datasets_prep.common.spread`).
     """
     n = len(good)
     order = [int(i) for i in np.random.default_rng(seed).permutation(n)]

@@ -30,9 +30,9 @@ from datasets_prep.camelyon16 import (
     SyntheticSlide,
     assign_eval_slides,
     read_reference,
-    share,
     split_sizes,
 )
+from datasets_prep.common import share_quota
 from tests.conftest import real_fixture
 
 openslide = pytest.importorskip("openslide")
@@ -123,7 +123,7 @@ def test_split_sizes_are_bmads_for_the_full_set():
     assert split_sizes(159, 128) == Sizes(5088, (100, 100), (1000, 1000), 13)
     # an old copy with normal_086 / test_049, or test_114 kept: still BMAD's quotas
     assert split_sizes(160, 130) == Sizes(5088, (100, 100), (1000, 1000), 13)
-    assert share(5088, [500] * 159) == [32] * 159
+    assert share_quota(5088, [500] * 159) == [32] * 159
     assert BMAD_EVAL_SLIDES == 13 + 115
 
 
@@ -150,12 +150,6 @@ def test_eval_slide_assignment_is_slide_level_stratified_and_seeded():
     assert sorted(small.values()) == ["test", "test", "valid", "valid"]
     assert {small["test_001"], small["test_002"]} == {"valid", "test"}
 
-
-def test_share_is_even_and_respects_capacity():
-    assert share(10, [5, 5, 5]) == [4, 3, 3]
-    assert share(10, [1, 20, 20]) == [1, 5, 4]
-    assert share(10, [2, 2]) == [2, 2]
-    assert share(5088, [100] * 160) == [32] * 128 + [31] * 32
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bmad.errors import DataError, UsageError
-from datasets_prep.common import Job, Output, mask_png, png_bytes, proportional, write_bench
+from datasets_prep.common import Job, Output, mask_png, png_bytes, proportional, share_quota, spread, write_bench
 
 
 class Crash(BaseException):
@@ -130,3 +130,11 @@ def test_proportional_sizes() -> None:
     assert proportional([8000, 745, 745], 9490, 949) == [800, 75, 74]  # ties: largest remainder, lower index
     with pytest.raises(DataError, match="too few"):
         proportional([10, 10, 10], 30, 2)
+
+
+def test_share_quota_is_even_and_respects_capacity_and_spread_is_centred() -> None:
+    assert share_quota(10, [5, 5, 5]) == [4, 3, 3]
+    assert share_quota(10, [1, 20, 20]) == [1, 5, 4]
+    assert share_quota(10, [2, 2]) == [2, 2]
+    assert share_quota(5088, [100] * 160) == [32] * 128 + [31] * 32
+    assert spread([1, 2, 3, 4, 5, 6, 7, 8], 2) == [3, 7] and spread([1, 2], 5) == [1, 2]
