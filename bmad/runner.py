@@ -64,7 +64,7 @@ class RunOutcome:
 
 
 def _describe(o: RunOutcome, seconds: float) -> str:
-    name = f"{o.spec.bench}/{o.spec.algo}/seed{o.spec.seed}"
+    name = f"{o.path.parts[-4]}/{o.spec.algo}/seed{o.spec.seed}"  # the bench's record name (folder-X, not a path)
     if o.status == "skipped":
         return f"{name}: already done"
     if o.status == "failed":
