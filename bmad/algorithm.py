@@ -61,6 +61,7 @@ class Algorithm:
     - ``size_multiple``: the harness rounds the input size up to a multiple of it.
     - ``fixed_sizes``: if set, the only input sizes (square side) the method accepts;
       the harness picks the nearest one.
+    - ``square``: the method accepts square inputs only; the harness uses the larger side.
 
     Instance attribute ``input_size`` (H, W), when not None, is the size images are
     resized to before ``fit``/``predict_map``; None means the bench's size.
@@ -74,6 +75,7 @@ class Algorithm:
     channels: ClassVar[int] = 3
     size_multiple: ClassVar[int] = 1
     fixed_sizes: ClassVar[tuple[int, ...] | None] = None
+    square: ClassVar[bool] = False
 
     input_size: tuple[int, int] | None = None
     device: torch.device = torch.device("cpu")

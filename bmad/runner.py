@@ -101,6 +101,8 @@ def build_algorithm(name: str, opts: SweepOptions) -> Algorithm:
 def input_size_for(algo: Algorithm, native: tuple[int, int]) -> tuple[int, int]:
     """The size images are resized to: the algorithm's, or native, made to fit its constraints."""
     h, w = algo.input_size or native
+    if algo.square:
+        h = w = max(h, w)
     if algo.fixed_sizes:
         side = min(algo.fixed_sizes, key=lambda s: (abs(s - max(h, w)), s))
         return side, side

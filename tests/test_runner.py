@@ -173,3 +173,30 @@ def test_records_written_are_complete_json(toy_plugin: Path, bench_dir: Path, tm
     (p,) = list(res.rglob("seed0.json"))
     assert json.loads(p.read_text())["status"] == "ok"
     assert p.parent.name == read_record(p)["config_hash"]
+
+
+def test_input_size_constraints_are_applied_by_the_harness() -> None:
+    from bmad.algorithm import Algorithm
+    from bmad.runner import input_size_for
+
+    class Free(Algorithm):
+        pass
+
+    class Multiple(Algorithm):
+        size_multiple = 32
+
+    class Fixed(Algorithm):
+        fixed_sizes = (128, 256)
+
+    class Square(Algorithm):
+        square = True
+        size_multiple = 8
+
+    assert input_size_for(Free(), (240, 200)) == (240, 200)
+    assert input_size_for(Multiple(), (240, 200)) == (256, 224)
+    assert input_size_for(Fixed(), (240, 200)) == (256, 256)
+    assert input_size_for(Fixed(), (100, 90)) == (128, 128)
+    assert input_size_for(Square(), (240, 201)) == (240, 240)
+    sized = Square()
+    sized.input_size = (100, 60)
+    assert input_size_for(sized, (512, 512)) == (104, 104)
