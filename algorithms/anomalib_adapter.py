@@ -64,8 +64,6 @@ class AnomalibAlgorithm(Algorithm):
     - ``needs_input_size``: True for classes that read their input size from the
       pre-processor at construction (RD4AD, CS-Flow, GANomaly): :meth:`pre_processor`
       then gives a resize to :meth:`model_input_size` and ``input_size`` may not be None.
-    - ``square``: True for models that only accept square inputs (CFA); the harness
-      must make the input size square (contract addition, see :func:`square_size`).
     - :meth:`pre_processor`: for classes that read their input size from it.
     - :meth:`weights_spec` / :meth:`load_pretrained`: which weights, loaded where.
     - :meth:`frozen_modules`: sub-modules that are never trained (set to
@@ -81,7 +79,6 @@ class AnomalibAlgorithm(Algorithm):
     trains_by_epochs: ClassVar[bool] = False
     imagenet_normalize: ClassVar[bool] = True
     needs_input_size: ClassVar[bool] = False
-    square: ClassVar[bool] = False
 
     backbone: str
 
@@ -125,7 +122,7 @@ class AnomalibAlgorithm(Algorithm):
             return None
         from bmad.runner import input_size_for
 
-        return square_size(self, input_size_for(self, self.input_size))
+        return input_size_for(self, self.input_size)
 
     def frozen_modules(self, lm: nn.Module) -> list[nn.Module]:
         """Sub-modules of ``lm`` that are never trained (none by default)."""
@@ -229,17 +226,6 @@ class AnomalibAlgorithm(Algorithm):
             std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
             x = (x - mean) / std
         return x
-
-
-def square_size(algo: Algorithm, size: tuple[int, int]) -> tuple[int, int]:
-    """``size`` made square (the larger side, kept under ``size_multiple``) for
-    algorithms declaring ``square = True``; other sizes are returned unchanged.
-
-    The harness's ``input_size_for`` should apply the same rule (contract addition)."""
-    if not getattr(algo, "square", False) or size[0] == size[1]:
-        return size
-    side = max(size)
-    return side, side
 
 
 class AnomalibTrainedAlgorithm(AnomalibAlgorithm):

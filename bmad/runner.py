@@ -9,7 +9,7 @@ import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,7 @@ def _free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _git_commit() -> str | None:
     root = Path(bmad.__file__).resolve().parents[1]
     try:

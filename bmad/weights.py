@@ -1,14 +1,17 @@
 """Pretrained weights: where they are found offline, and how they are loaded safely.
 
-A backbone's weights are described by a :class:`WeightSpec` (``timm/<model>.<tag>``
-or ``torchvision/<WeightsEnum>.<member>``) and found, in order, at
+A backbone's weights are described by a :class:`WeightSpec` (``timm/<model>.<tag>``,
+``torchvision/<WeightsEnum>.<member>``, ``open_clip/<model>.<tag>``, or ``file/<path>``
+for checkpoints no library distributes, such as CheXzero) and found, in order, at
 
 1. an explicit path (the runner's ``--weights``; a file, or a folder laid out like
    ``BMAD_WEIGHTS``),
 2. the ``$BMAD_WEIGHTS`` folder: ``timm/<model>.<tag>.safetensors`` (or ``.pth``),
    ``torchvision/<file name of the torchvision URL>``,
-3. the libraries' caches: the Hugging Face hub cache (timm), then
-   ``$TORCH_HOME/hub/checkpoints`` (torchvision, and timm's legacy URLs).
+   ``open_clip/<model>.<tag>.safetensors`` (or ``.bin``, ``.pt``, ``.pth``), ``<path>``,
+3. the libraries' caches: the Hugging Face hub cache (timm, open_clip), then
+   ``$TORCH_HOME/hub/checkpoints`` (torchvision, and timm's legacy URLs) or
+   ``~/.cache/clip`` (open_clip's URL downloads).
 
 Nothing here downloads, except :func:`fetch`, which a user runs on a connected
 machine. Checkpoints are data, not code: :func:`load_checkpoint` reads safetensors,
@@ -40,7 +43,10 @@ ENV_WEIGHTS = "BMAD_WEIGHTS"
 """Environment variable naming the folder of local pretrained weights."""
 
 _TIMM_EXTENSIONS = (".safetensors", ".pth")
+_OPEN_CLIP_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth")
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
+_OPEN_CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+_OPEN_CLIP_URL_CACHE = "~/.cache/clip"
 _WRAPPER_KEYS = ("state_dict", "model")
 
 
@@ -49,16 +55,22 @@ _WRAPPER_KEYS = ("state_dict", "model")
 class WeightSpec:
     """One set of pretrained weights and the names it is known by.
 
-    ``source``: "timm" or "torchvision"; ``key``: timm's ``<model>.<tag>`` or
-    torchvision's ``<WeightsEnum>.<member>``; ``hf_repo``: the Hugging Face repo timm
-    downloads from ("" if none); ``url``: the download URL whose file name the torch
-    hub cache uses ("" if none).
+    ``source``: "timm", "torchvision", "open_clip" or "file"; ``key``: timm's or
+    open_clip's ``<model>.<tag>``, torchvision's ``<WeightsEnum>.<member>``, or the
+    file's path inside a weights folder; ``hf_repo``: the Hugging Face repo the
+    library downloads from ("" if none) and ``hf_files`` the file names it uses
+    there; ``url``: the download URL whose file name the library's cache uses ("" if
+    none), cached in ``url_cache`` ("" = the torch hub's ``checkpoints``);
+    ``obtain``: how to get a file no library downloads (source "file").
     """
 
     source: str
     key: str
     hf_repo: str = ""
     url: str = ""
+    hf_files: tuple[str, ...] = _HF_FILES
+    url_cache: str = ""
+    obtain: str = ""
 
     @property
     def name(self) -> str:
@@ -69,6 +81,10 @@ class WeightSpec:
         """Accepted paths relative to a weights folder, the canonical one first."""
         if self.source == "torchvision":
             return [f"torchvision/{_url_file(self.url)}"]
+        if self.source == "open_clip":
+            return [f"open_clip/{self.key}{ext}" for ext in _OPEN_CLIP_EXTENSIONS]
+        if self.source == "file":
+            return [self.key]
         return [f"timm/{self.key}{ext}" for ext in _TIMM_EXTENSIONS]
 
     def cache_files(self) -> list[Path]:
@@ -77,15 +93,21 @@ class WeightSpec:
         if self.hf_repo:
             from huggingface_hub import try_to_load_from_cache
 
-            for filename in _HF_FILES:
+            for filename in self.hf_files:
                 hit = try_to_load_from_cache(self.hf_repo, filename)
                 if isinstance(hit, str):
                     found.append(Path(hit))
         if self.url:
-            hub = Path(torch.hub.get_dir()) / "checkpoints" / _url_file(self.url)
+            hub = self.url_folder() / _url_file(self.url)
             if hub.is_file():
                 found.append(hub)
         return found
+
+    def url_folder(self) -> Path:
+        """The folder where the library caches ``url``'s download."""
+        if self.url_cache:
+            return Path(self.url_cache).expanduser()
+        return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def _url_file(url: str) -> str:
@@ -121,17 +143,46 @@ def torchvision_spec(weights_name: str) -> WeightSpec:
     return WeightSpec("torchvision", weights_name, url=weights.url)
 
 
+def open_clip_spec(model_name: str, tag: str) -> WeightSpec:
+    """The weights open_clip calls ``tag`` for ``model_name`` (``"ViT-B-32", "openai"``)."""
+    from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
+
+    cfg = get_pretrained_cfg(model_name, tag)
+    if not cfg or not (cfg.get("url") or cfg.get("hf_hub")):
+        known = ", ".join(list_pretrained_tags_by_model(model_name)) or "none"
+        raise WeightsError(
+            f"open_clip has no weights {tag!r} for model {model_name!r}",
+            hint=f"its tags: {known}; or give a local file with --weights",
+        )
+    hf_repo, hf_files = "", _OPEN_CLIP_HF_FILES
+    if cfg.get("hf_hub"):  # "org/repo/" (the default file names) or "org/repo/file"
+        hf_repo, filename = os.path.split(cfg["hf_hub"])
+        if filename:
+            hf_files = (filename,)
+    return WeightSpec("open_clip", f"{model_name}.{tag}", hf_repo=hf_repo, url=cfg.get("url", ""),
+                      hf_files=hf_files, url_cache=_OPEN_CLIP_URL_CACHE)
+
+
+def file_spec(path: str, obtain: str) -> WeightSpec:
+    """A checkpoint no library downloads, looked for at ``path`` in a weights folder."""
+    return WeightSpec("file", path, obtain=obtain)
+
+
 def spec_from_name(name: str) -> WeightSpec:
-    """Parse ``timm/<model>[.<tag>]`` or ``torchvision/<WeightsEnum>.<member>``."""
+    """Parse ``timm/<model>[.<tag>]``, ``torchvision/<WeightsEnum>.<member>`` or ``open_clip/<model>.<tag>``."""
     source, _, key = name.partition("/")
     if source == "timm" and key:
         return timm_spec(key)
     if source == "torchvision" and key:
         return torchvision_spec(key)
+    if source == "open_clip" and "." in key:
+        model, _, tag = key.rpartition(".")
+        return open_clip_spec(model, tag)
     raise WeightsError(
         f"bad weights name {name!r}",
-        hint="use timm/<model>[.<tag>] (e.g. timm/wide_resnet50_2) or "
-        "torchvision/<WeightsEnum>.<member> (e.g. torchvision/Wide_ResNet50_2_Weights.IMAGENET1K_V1)",
+        hint="use timm/<model>[.<tag>] (e.g. timm/wide_resnet50_2), "
+        "torchvision/<WeightsEnum>.<member> (e.g. torchvision/Wide_ResNet50_2_Weights.IMAGENET1K_V1) or "
+        "open_clip/<model>.<tag> (e.g. open_clip/ViT-B-16-plus-240.laion400m_e31)",
     )
 
 
@@ -169,14 +220,15 @@ def resolve_weights(spec: WeightSpec, explicit: str | os.PathLike | None = None)
     if spec.hf_repo:
         looked.append("the Hugging Face cache")
     if spec.url:
-        looked.append(str(Path(torch.hub.get_dir()) / "checkpoints"))
+        looked.append(str(spec.url_folder()))
 
     canonical = spec.folder_files()[0]
     where = f"{folder}/{canonical}" if folder else f"$BMAD_WEIGHTS/{canonical} (set BMAD_WEIGHTS to a folder)"
+    get = (f"{spec.obtain}" if spec.source == "file"
+           else f"on a connected machine `bmad weights fetch {spec.name}` writes it there")
     raise WeightsError(
-        f"pretrained weights {spec.name} not found offline (looked in: {', '.join(looked)})",
-        hint=f"put the file at {where}, or pass --weights FILE; on a connected machine "
-        f"`bmad weights fetch {spec.name}` writes it there; or run with --random-init",
+        f"pretrained weights {spec.name} not found offline (looked in: {', '.join(looked) or 'nowhere else'})",
+        hint=f"put the file at {where}, or pass --weights FILE; {get}; or run with --random-init",
     )
 
 
@@ -350,8 +402,9 @@ def _random_state_dict(self: Any, *args: Any, **kwargs: Any) -> _RandomInit:
 def fetch(name: str, folder: str | os.PathLike | None = None) -> Path:
     """Download weights ``name`` into ``folder`` (default ``$BMAD_WEIGHTS``); needs network.
 
-    timm weights are saved as ``timm/<model>.<tag>.safetensors``, torchvision ones
-    under their original file name in ``torchvision/``.
+    timm and open_clip weights are saved as ``timm/<model>.<tag>.safetensors`` and
+    ``open_clip/<model>.<tag>.safetensors`` (plain tensors, also for OpenAI's TorchScript
+    releases), torchvision ones under their original file name in ``torchvision/``.
     """
     from bmad.fsutil import write_bytes_atomic
 
@@ -363,6 +416,14 @@ def fetch(name: str, folder: str | os.PathLike | None = None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if spec.source == "torchvision":
         torch.hub.download_url_to_file(spec.url, str(dest))
+    elif spec.source == "open_clip":  # OpenAI's TorchScript archives are converted to plain tensors here
+        import open_clip
+        from safetensors.torch import save
+
+        model_name, _, tag = spec.key.rpartition(".")
+        model = open_clip.create_model(model_name, pretrained=tag)
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        write_bytes_atomic(dest, save(state))
     else:
         import timm
         from safetensors.torch import save

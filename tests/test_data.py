@@ -79,7 +79,7 @@ def test_channels_and_resizing(bench_dir: Path) -> None:
     assert b["image"].shape == (5, 3, 48, 40)
     assert torch.equal(b["image"][:, 0], b["image"][:, 2])  # grayscale replicated
     assert b["mask"].shape == (5, 32, 32)
-    assert 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0
+    assert float(b["image"].min()) >= 0.0 and float(b["image"].max()) <= 1.0
     rgb = torch.rand(2, 3, 4, 4)
     assert torch.allclose(to_channels(rgb, 1)[:, 0], rgb.mean(1))
     maps = np.random.rand(2, 16, 8).astype(np.float32)

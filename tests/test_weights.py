@@ -206,6 +206,6 @@ def test_offline_random_init_builds_without_network():
         assert_same(asked.state_dict(), plain.state_dict())
         torchvision.models.resnet18(weights="DEFAULT")  # random init, no download
     assert dict(os.environ) == env_before
-    assert huggingface_hub.constants.HF_HUB_OFFLINE == offline_before
+    assert offline_before == huggingface_hub.constants.HF_HUB_OFFLINE
     model = torch.nn.Linear(2, 2)
     model.load_state_dict(torch.nn.Linear(2, 2).state_dict())  # the patch is gone
