@@ -1,4 +1,15 @@
 """Built-in algorithms. Importing this package registers them (cheaply: heavy
-libraries such as anomalib are imported only when an algorithm is built)."""
+libraries such as anomalib and open_clip are imported only when an algorithm is built)."""
 
-from algorithms import cfa, cflow, csflow, draem, ganomaly, padim, patchcore, rd4ad, stfpm  # noqa: F401  (registers them)
+from algorithms import (  # noqa: F401  (registers them)
+    cfa,
+    cflow,
+    csflow,
+    draem,
+    ganomaly,
+    mediclip,
+    padim,
+    patchcore,
+    rd4ad,
+    stfpm,
+)
