@@ -4,6 +4,7 @@ libraries such as anomalib and open_clip are imported only when an algorithm is 
 from algorithms import (  # noqa: F401  (registers them)
     cfa,
     cflow,
+    clap,
     csflow,
     draem,
     ganomaly,

@@ -182,3 +182,21 @@ def test_clip_algorithm_fails_fast_and_freezes(monkeypatch: pytest.MonkeyPatch, 
     x = algo.prepare(torch.full((1, 1, 224, 224), 0.5))
     assert x.shape == (1, 3, 224, 224)
     torch.testing.assert_close(x[0, :, 0, 0], (0.5 - torch.tensor(algo.mean)) / torch.tensor(algo.std))
+
+
+def test_local_dir_model_and_tokenizer(tiny: torch.nn.Module, tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(__file__).parents[1] / "algorithms" / "clip" / f"{TINY_CLIP}.json").read_text())
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    torch.manual_seed(7)
+    loaded = build_clip(f"local-dir:{tmp_path}", "hub")
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, tiny.state_dict()[k], rtol=0, atol=0)
+    tok = tokenizer_for(f"local-dir:{tmp_path}")
+    torch.testing.assert_close(tok(["a brain"]), tokenizer_for(TINY_CLIP)(["a brain"]))
+    with pytest.raises(WeightsError, match="no open_clip_config.json"):
+        build_clip(f"local-dir:{tmp_path / 'missing'}", "hub")

@@ -202,12 +202,21 @@ class _hub_offline:  # noqa: N801 - used as a context manager
 
 
 def tokenizer_for(model_name: str, context_length: int | None = None) -> Any:
-    """open_clip's tokenizer for ``model_name`` (offline for hub models: from the cache)."""
+    """open_clip's tokenizer for ``model_name`` (offline for hub models: from the cache;
+    for ``local-dir:`` folders, from their ``open_clip_config.json``)."""
     import open_clip
 
     register_tiny()
     with _hub_offline():
         try:
+            if model_name.startswith(LOCAL_DIR):
+                folder = Path(model_name[len(LOCAL_DIR):]).expanduser()
+                text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("text_cfg", {})
+                length = context_length or text_cfg.get("context_length", 77)
+                if "hf_tokenizer_name" in text_cfg:
+                    return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=length,
+                                                           **text_cfg.get("tokenizer_kwargs", {}))
+                return open_clip.tokenizer.SimpleTokenizer(context_length=length)
             return open_clip.get_tokenizer(model_name, context_length=context_length)
         except Exception as exc:  # noqa: BLE001
             raise _hub_error(model_name, exc) from None
