@@ -8,9 +8,12 @@ from algorithms import (  # noqa: F401  (registers them)
     csflow,
     draem,
     ganomaly,
+    maple,
     mediclip,
     padim,
     patchcore,
+    ppad,
     rd4ad,
     stfpm,
+    zeroshot_clip,
 )
