@@ -8,6 +8,7 @@ from algorithms import (  # noqa: F401  (registers them)
     csflow,
     draem,
     ganomaly,
+    lerec,
     maple,
     mediclip,
     padim,
@@ -15,5 +16,6 @@ from algorithms import (  # noqa: F401  (registers them)
     ppad,
     rd4ad,
     stfpm,
+    winclip,
     zeroshot_clip,
 )

@@ -14,6 +14,7 @@ from algorithms.clip import (
     build_clip,
     encode_image,
     encode_text_embeddings,
+    encode_text_layers,
     project_tokens,
     prompt_ids,
     tokenizer_for,
@@ -72,6 +73,9 @@ def test_text_from_embeddings_equals_encode_text(tiny: torch.nn.Module) -> None:
     emb = tiny.token_embedding(ids)
     torch.testing.assert_close(encode_text_embeddings(tiny, emb, ids), tiny.encode_text(ids), rtol=0, atol=1e-6)
     assert not torch.allclose(encode_text_embeddings(tiny, emb, ids, causal=False), tiny.encode_text(ids))
+    first, last = encode_text_layers(tiny, emb, ids, (0, 1))
+    torch.testing.assert_close(last, tiny.encode_text(ids), rtol=0, atol=1e-6)
+    assert first.shape == last.shape and not torch.allclose(first, last)
 
 
 def test_learned_context_rows(tiny: torch.nn.Module) -> None:

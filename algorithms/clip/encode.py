@@ -128,6 +128,26 @@ def encode_text_embeddings(
     x = embeddings + model.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
     mask = model.attn_mask if causal else None
     x, _ = run_blocks(model.transformer, x, attn_mask=mask, before_block=before_block)
+    return _text_head(model, x, token_ids)
+
+
+def encode_text_layers(
+    model: nn.Module,
+    embeddings: torch.Tensor,
+    token_ids: torch.Tensor,
+    blocks: Sequence[int],
+    *,
+    causal: bool = True,
+) -> list[torch.Tensor]:
+    """Text features (N, E) read after each of ``blocks`` (0-based): the end-of-text row
+    of that block's tokens through ``ln_final`` and the projection (as the last block's
+    are in :func:`encode_text_embeddings`)."""
+    x = embeddings + model.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
+    _, kept = run_blocks(model.transformer, x, attn_mask=model.attn_mask if causal else None, keep=blocks)
+    return [_text_head(model, kept[b], token_ids) for b in blocks]
+
+
+def _text_head(model: nn.Module, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     x = model.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
     proj = model.text_projection
