@@ -169,7 +169,12 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Samples as dicts: image [C, *input_size] in [0, 1], label, mask [*eval_size] (uint8), path."""
+    """Samples as dicts: image [C, *input_size] in [0, 1], label, mask [*eval_size] (uint8), path.
+
+    RGB images are averaged to gray before resizing when ``channels`` is 1; grayscale
+    images stay one channel (resized once, not three times) and :meth:`collate`
+    replicates them while filling the batch, so a batch is ``channels`` wide.
+    """
 
     def __init__(
         self,
@@ -189,7 +194,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         img = torch.from_numpy(read_image(s.path))
-        img = resize_images(to_channels(img, self.channels)[None], self.input_size)[0]
+        if img.shape[0] != 1:
+            img = to_channels(img, self.channels)
+        img = resize_images(img[None], self.input_size)[0]
         if s.mask is not None:
             m = torch.from_numpy(read_mask(s.mask).astype(np.uint8))
             if tuple(m.shape) != self.eval_size:
@@ -197,6 +204,15 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             m = torch.zeros(self.eval_size, dtype=torch.uint8)
         return {"image": img, "label": s.label, "mask": m, "path": str(s.path)}
+
+    def collate(self, items: list[dict]) -> dict:
+        """A batch: images copied into one [B, channels, H, W] tensor (gray replicated there)."""
+        batch = torch.utils.data.default_collate([{k: v for k, v in it.items() if k != "image"} for it in items])
+        images = torch.empty((len(items), self.channels, *self.input_size), dtype=torch.float32)
+        for i, it in enumerate(items):
+            images[i].copy_(it["image"])
+        batch["image"] = images
+        return batch
 
 
 def make_loader(
@@ -212,8 +228,10 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over ``samples``; shuffling (if any) is seeded."""
     gen = torch.Generator().manual_seed(seed)
+    dataset = ImageDataset(samples, input_size, eval_size, channels)
     return torch.utils.data.DataLoader(
-        ImageDataset(samples, input_size, eval_size, channels),
+        dataset,
+        collate_fn=dataset.collate,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=gen,
