@@ -11,6 +11,7 @@ from algorithms import (  # noqa: F401  (registers them)
     lerec,
     maple,
     mediclip,
+    mvfa,
     padim,
     patchcore,
     ppad,

@@ -21,36 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.clip.base import ClipAlgorithm
+from algorithms.clip.benches import FALLBACK_CLASS, class_name_for
 from bmad.algorithm import Batch, Prediction
 from bmad.registry import register
 from bmad.weights import WeightSpec
-
-CLASS_NAMES: dict[str, str] = {
-    "brain": "Brain",
-    "brats2021": "Brain",
-    "liver": "Liver",
-    "retina_resc": "retinal OCT",
-    "resc": "retinal OCT",
-    "retina_oct2017": "retinal OCT",
-    "oct2017": "retinal OCT",
-    "chest": "Chest X-ray film",
-    "rsna": "Chest X-ray film",
-    "histopathology": "histopathological image",
-    "camelyon16": "histopathological image",
-}
-"""The object word of WinCLIP's prompts per bench (BMAD's folder names and bench keys, lower case)."""
-
-FALLBACK_CLASS = "object"
-"""anomalib's own fallback when no class name is known."""
-
-
-def class_name_for(path: str | os.PathLike) -> str:
-    """The prompt word for an image of a bench in BMAD's layout (``<Bench>/train/...``), from the folder name."""
-    parts = Path(path).parts
-    for i in range(len(parts) - 1, 0, -1):
-        if parts[i] in ("train", "valid", "test"):
-            return CLASS_NAMES.get(parts[i - 1].lower(), FALLBACK_CLASS)
-    return FALLBACK_CLASS
 
 
 def bench_relative(path: str | os.PathLike) -> str:
