@@ -157,3 +157,20 @@ def batch_images(batch: Batch) -> torch.Tensor:
     if isinstance(batch, (tuple, list)):
         return batch[0]
     return batch
+
+
+def valid_image_auroc(algo: Algorithm, val: Iterable[Batch]) -> float | None:
+    """Image AUROC of ``algo`` on labelled batches (the valid split, for checkpoint
+    selection); None when they do not hold both classes."""
+    from bmad.metrics import image_auroc
+
+    scores, labels = [], []
+    for batch in val:
+        scores.append(algo.predict_map(batch_images(batch)).scores)
+        labels.append(np.asarray(batch["label"]))
+    if not labels:
+        return None
+    y = np.concatenate(labels)
+    if len(np.unique(y)) < 2:
+        return None
+    return image_auroc(np.concatenate(scores), y)
