@@ -125,6 +125,7 @@ def test_map_is_the_mean_over_pooling_scales_of_the_scaled_error():
     pooled = [d] + [d.reshape(2, 1, 8 // k, k, 8 // k, k).mean((3, 5)) for k in (2, 8)]
     expected = sum(F.interpolate(m, size=(8, 8), mode="bilinear", align_corners=False) for m in pooled) / 3
     torch.testing.assert_close(anomaly_map(feats, recon, scale, (1, 2, 8), (8, 8)), expected[:, 0])
+    torch.testing.assert_close(anomaly_map(feats, recon, None, (1, 2, 8), (8, 8)), 2 * expected[:, 0])
     constant = anomaly_map(feats, feats + 3 * direction, scale, (1, 2, 8), (32, 32))
     torch.testing.assert_close(constant, torch.full((2, 32, 32), 1.5))
 
@@ -142,7 +143,7 @@ def test_defaults_and_checks():
     config = Utrad(pretrained=False).get_config()
     expected = dict(backbone="resnet18.tv_in1k", input_size=(256, 256), d_model=512, n_heads=8, ff_dim=2048,
                     dropout=0.1, n_layers=4, patch_sizes=(4, 4, 4), bottleneck_dim=128, train_positions=False,
-                    lr=1e-4, betas=(0.5, 0.999), epochs=150, batch_size=8, selection="train_loss")
+                    scale_normalize=True, lr=1e-4, betas=(0.5, 0.999), epochs=150, batch_size=8, selection="train_loss")
     assert {k: config[k] for k in expected} == expected
     with pytest.raises(ValueError, match="divisible by 64"):
         Utrad(input_size=128, pretrained=False)

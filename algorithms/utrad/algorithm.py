@@ -42,7 +42,9 @@ class Utrad(Algorithm):
       epochs; "last" the last epoch. ``patience`` (in selection checks) stops early.
 
     Map pooling scales are the cumulative window products (1, 4, 16, 64 by default, the
-    official scales).
+    official scales). ``scale_normalize``: True divides the error by the scale head's
+    prediction (official); False maps the plain reconstruction error (the scale head is
+    still trained, unused).
     """
 
     family = "reconstruction (transformer)"
@@ -62,6 +64,7 @@ class Utrad(Algorithm):
         patch_sizes: Sequence[int] = (4, 4, 4),
         bottleneck_dim: int = 128,
         train_positions: bool = False,
+        scale_normalize: bool = True,
         lr: float = 1e-4,
         betas: Sequence[float] = (0.5, 0.999),
         epochs: int = 150,
@@ -91,6 +94,7 @@ class Utrad(Algorithm):
         self.n_layers = int(n_layers)
         self.bottleneck_dim = int(bottleneck_dim)
         self.train_positions = bool(train_positions)
+        self.scale_normalize = bool(scale_normalize)
         self.lr = lr
         self.betas = tuple(float(b) for b in betas)
         self.epochs = int(epochs)
@@ -189,5 +193,5 @@ class Utrad(Algorithm):
         feats = self.features(images)
         recon, scale = model(feats)
         pools = [math.prod(self.patch_sizes[:i]) for i in range(len(self.patch_sizes) + 1)]
-        maps = anomaly_map(feats, recon, scale, pools, tuple(images.shape[-2:]))
+        maps = anomaly_map(feats, recon, scale if self.scale_normalize else None, pools, tuple(images.shape[-2:]))
         return Prediction(maps.flatten(1).amax(dim=1), maps)

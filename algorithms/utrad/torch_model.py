@@ -176,15 +176,18 @@ SCALE_EPS = 1e-8
 
 
 def anomaly_map(
-    feats: torch.Tensor, recon: torch.Tensor, scale: torch.Tensor, pools: Sequence[int], size: tuple[int, int]
+    feats: torch.Tensor, recon: torch.Tensor, scale: torch.Tensor | None, pools: Sequence[int],
+    size: tuple[int, int],
 ) -> torch.Tensor:
     """[B, H, W] map at ``size``: the scaled error averaged over several pooling scales.
 
-    ``d = ||recon - feats||_2 / |scale|`` per token; for each ``k`` in ``pools`` it is
-    average-pooled in k x k windows and upsampled back (bilinear); the mean of these maps
-    is upsampled (bilinear) to ``size``.
+    ``d = ||recon - feats||_2 / |scale|`` per token (the plain error when ``scale`` is
+    None); for each ``k`` in ``pools`` it is average-pooled in k x k windows and upsampled
+    back (bilinear); the mean of these maps is upsampled (bilinear) to ``size``.
     """
-    d = (recon - feats).norm(dim=1, keepdim=True) / scale.abs().clamp_min(SCALE_EPS)
+    d = (recon - feats).norm(dim=1, keepdim=True)
+    if scale is not None:
+        d = d / scale.abs().clamp_min(SCALE_EPS)
     grid = d.shape[-2:]
     maps = [F.interpolate(F.avg_pool2d(d, k), size=grid, mode="bilinear", align_corners=False) for k in pools]
     mean = torch.stack(maps).mean(0)
