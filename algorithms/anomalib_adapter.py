@@ -33,21 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bmad.algorithm import Algorithm, Batch, Prediction, batch_images
+from algorithms.inputs import as_hw, imagenet_normalize, three_channels
+from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
+from bmad.training import BestCheckpoint
 from bmad.weights import WeightSpec, load_checkpoint, load_into, offline_random_init, resolve_weights, timm_spec
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def as_hw(size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
-    """``224`` -> ``(224, 224)``; ``(H, W)`` (or a JSON list) -> ``(H, W)``; None stays None."""
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
 
 
 class AnomalibAlgorithm(Algorithm):
@@ -218,14 +207,9 @@ class AnomalibAlgorithm(Algorithm):
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the module's input: on the device, 3 channels, normalised."""
-        x = images.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         if self.imagenet_normalize:
-            mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-            x = (x - mean) / std
-        return x
+            return imagenet_normalize(images, self.device)
+        return three_channels(images, self.device)
 
 
 class AnomalibTrainedAlgorithm(AnomalibAlgorithm):
@@ -302,8 +286,6 @@ class AnomalibTrainedAlgorithm(AnomalibAlgorithm):
 
     def fit(self, train: Iterable[Batch], val: Iterable[Batch] | None = None) -> None:
         """Train for ``epochs`` epochs, select the best checkpoint on ``val``."""
-        import copy
-
         lm = self.build()
         optimizers, schedulers = self.make_optimizers(lm)
         if not lm.automatic_optimization:
@@ -312,8 +294,7 @@ class AnomalibTrainedAlgorithm(AnomalibAlgorithm):
             lm.manual_backward = lambda loss, *a, **k: loss.backward(*a, **k)
         self.training_mode(lm)
         self.on_fit_start(lm, train)
-        best: tuple[float, dict[str, torch.Tensor] | None, int] = (-1.0, None, 0)
-        stale = 0
+        best = BestCheckpoint(lm, self.patience)
         step = 0
         for epoch in range(1, self.epochs + 1):
             self.training_mode(lm)
@@ -338,19 +319,14 @@ class AnomalibTrainedAlgorithm(AnomalibAlgorithm):
             if skipped:
                 record["skipped_batches"] = skipped
             if val is not None and (epoch % self.eval_every == 0 or epoch == self.epochs):
-                auroc = self._validate(val)
-                record["val_image_auroc"] = auroc
-                if auroc is not None and auroc > best[0]:
-                    state = {k: v.detach().to("cpu", copy=True) for k, v in lm.state_dict().items()}
-                    best, stale = (auroc, state, epoch), 0
-                elif auroc is not None:  # a valid split without both classes cannot select
-                    stale += 1
+                record["val_image_auroc"] = valid_image_auroc(self, val)
+                best.check(record["val_image_auroc"], epoch)  # None (one class only) cannot select
             self.history.append(record)
-            if self.patience is not None and stale >= self.patience:
+            if best.stop:
                 break
-        if best[1] is not None:
-            lm.load_state_dict(copy.deepcopy(best[1]))
-            self.history.append({"selected_epoch": best[2], "val_image_auroc": best[0]})
+        selected = best.restore()
+        if selected is not None:
+            self.history.append({**selected, "val_image_auroc": best.value})
         lm.eval()
 
     def _train_step(
@@ -370,19 +346,6 @@ class AnomalibTrainedAlgorithm(AnomalibAlgorithm):
                     torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm)
                 opt.step()
         return self.step_losses(out)
-
-    def _validate(self, val: Iterable[Batch]) -> float | None:
-        """Image AUROC on the valid split (None when it lacks a class)."""
-        from bmad.metrics import image_auroc
-
-        scores, labels = [], []
-        for batch in val:
-            scores.append(self.predict_map(batch_images(batch)).scores)
-            labels.append(np.asarray(batch["label"]))
-        y = np.concatenate(labels)
-        if len(np.unique(y)) < 2:
-            return None
-        return image_auroc(np.concatenate(scores), y)
 
 
 def _split_optimizers(conf: Any) -> tuple[list[torch.optim.Optimizer], list[Any]]:

@@ -225,14 +225,14 @@ def run_bmad(cfg: dict[str, Any]) -> dict[str, Any]:
 
         prof = cProfile.Profile()
         prof.enable()
-        rec = _execute(algo, bench, spec, opts)
+        rec, _ = _execute(algo, bench, spec, opts)
         prof.disable()
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(40)
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
         profile_text = buf.getvalue()
     else:
-        rec = _execute(algo, bench, spec, opts)
+        rec, _ = _execute(algo, bench, spec, opts)
     bmad.metrics.compute_all = compute_all
     del algo.fit
     out: dict[str, Any] = {

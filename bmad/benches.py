@@ -78,7 +78,8 @@ def default_data_root() -> Path:
 
 
 def parse_bench_list(text: str) -> list[str]:
-    """``a,b`` or ``all`` (the six BMAD benches) -> list of bench keys, validated."""
+    """``a,b`` or ``all`` (the six BMAD benches) -> list of bench keys, validated; a
+    ``folder:PATH`` key gets an absolute path (records keep it, for retries from anywhere)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise UsageError("--bench is empty", hint="give a bench name, a comma list, or `all`")
@@ -86,7 +87,9 @@ def parse_bench_list(text: str) -> list[str]:
     for item in items:
         if item == "all":
             out += [k for k in BENCHES if k != "demo"]
-        elif item in BENCHES or item.startswith("folder:"):
+        elif item.startswith("folder:"):
+            out.append("folder:" + str(Path(item[len("folder:"):]).expanduser().absolute()))
+        elif item in BENCHES:
             out.append(item)
         else:
             import difflib

@@ -56,6 +56,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from bmad.cli import _progress, _sweep
     from bmad.leaderboard import build_tables, render
     from bmad.records import load_records
+    from bmad.runner import plan
 
     t0 = time.perf_counter()
     data_root = args.data_root or default_data_root()
@@ -66,7 +67,7 @@ def run_demo(args: argparse.Namespace) -> int:
         args.random_init = True
     rc = 0
     for algo, params in DEMO_RUNS.items():
-        rc = max(rc, _sweep(args, ["demo"], [algo], None, dict(params)))
+        rc = max(rc, _sweep(args, plan(["demo"], [algo], args.seeds, None), dict(params)))
     tables = build_tables(
         [r for r in load_records(args.results).records if r["algo"] in DEMO_RUNS], benches=["demo"]
     )

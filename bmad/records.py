@@ -20,9 +20,13 @@ METRIC_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "dice", "best_
 REQUIRED_KEYS = ("bench", "algo", "seed", "shots", "config", "config_hash", "status", "metrics")
 
 
-def config_hash(algo: str, config: dict[str, Any], shots: int | None) -> str:
-    """12 hex digits identifying (algorithm, resolved hyper-parameters, shots)."""
-    blob = json.dumps({"algo": algo, "config": config, "shots": shots}, sort_keys=True, default=str)
+def config_hash(algo: str, config: dict[str, Any], shots: int | None, train_bench: str | None = None) -> str:
+    """12 hex digits identifying (algorithm, resolved hyper-parameters, shots, and the
+    training bench of a cross-bench run)."""
+    key: dict[str, Any] = {"algo": algo, "config": config, "shots": shots}
+    if train_bench is not None:
+        key["train_bench"] = train_bench
+    blob = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

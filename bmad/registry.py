@@ -10,8 +10,10 @@ reported by ``bmad list``; it never breaks the others.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata
 import inspect
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any, Generic, TypeVar
 from bmad.errors import UsageError
 
 T = TypeVar("T")
+PLUGIN_MODULES_ENV = "BMAD_PLUGINS"
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,8 @@ class Registry(Generic[T]):
 
     # -- discovery ----------------------------------------------------------------
     def load(self) -> None:
-        """Load every entry point of the group once."""
+        """Load every entry point of the group once, then the modules named in
+        ``$BMAD_PLUGINS`` (comma list: unpackaged plugins, e.g. a script's own algorithm)."""
         if self._loaded:
             return
         self._loaded = True
@@ -96,6 +100,15 @@ class Registry(Generic[T]):
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the rest
                 detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
                 self._errors.append(LoadError(f"{ep.name} = {ep.value}", source, detail))
+            finally:
+                self._current_source = "builtin"
+        for module in filter(None, (m.strip() for m in os.environ.get(PLUGIN_MODULES_ENV, "").split(","))):
+            self._current_source = f"module {module}"
+            try:
+                importlib.import_module(module)  # its @register decorators add its classes
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the rest
+                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                self._errors.append(LoadError(f"{PLUGIN_MODULES_ENV}={module}", self._current_source, detail))
             finally:
                 self._current_source = "builtin"
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,7 +95,10 @@ def bench_dir(tmp_path: Path) -> Path:
 
 TOY_PLUGIN = '''
 """A toy bmad plugin: per-pixel z-score against the mean normal image."""
+import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,15 +113,23 @@ class MeanDiff(Algorithm):
     pixel_level = True
     channels = 1
 
-    def __init__(self, sleep: float = 0.0, fail: bool = False, noise: float = 0.0, input_size=None):
+    def __init__(self, sleep: float = 0.0, fail: bool = False, noise: float = 0.0, input_size=None,
+                 oom_flag=None, kill_flag=None):
         self.sleep = sleep
         self.fail = fail
+        self.oom_flag = oom_flag  # while this file exists, fit raises CUDA's out-of-memory error
+        self.kill_flag = kill_flag  # if this file exists, fit deletes it and SIGKILLs its own process (once)
         self.noise = noise
         self.input_size = None if input_size is None else tuple(input_size)
 
     def fit(self, train, val=None):
         if self.fail:
             raise RuntimeError("toy failure on purpose")
+        if self.oom_flag and Path(self.oom_flag).exists():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (toy)")
+        if self.kill_flag and Path(self.kill_flag).exists():
+            Path(self.kill_flag).unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
         total, n = None, 0
         for batch in train:
             x = batch_images(batch).float()
@@ -165,3 +177,27 @@ def run_bmad(*args: str, plugin: Path | None = None, cwd: Path | None = None, ti
     return subprocess.run(
         [sys.executable, "-m", "bmad.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=e
     )
+
+
+def run_record(algo: str, bench: Path, results: Path, params: dict[str, Any], *, seed: int = 0,
+               shots: int | None = None, weights: str | None = None) -> dict[str, Any]:
+    """One run of ``algo`` on a folder bench through the runner (random init unless
+    ``weights``); asserts it succeeded and returns its record."""
+    import json
+
+    import algorithms  # noqa: F401  (registers the built-in names)
+    from bmad.runner import RunSpec, Sweep, SweepOptions
+
+    opts = SweepOptions(results=results, random_init=weights is None, weights=weights, params=params,
+                        progress=False, verbose=False)
+    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", algo, seed, shots=shots))
+    record = json.loads(outcome.path.read_text())
+    assert record["status"] == "ok", record.get("traceback")
+    return record
+
+
+def same_record(first: dict[str, Any], again: dict[str, Any]) -> None:
+    """Assert two runs of the same configuration gave the same record (metrics to the bit)."""
+    assert again["config_hash"] == first["config_hash"]
+    assert again["metrics"] == first["metrics"]
+    assert again["history"] == first["history"]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from algorithms import anomalib_adapter
 from bmad import registry
 from bmad.errors import WeightsError
 
@@ -262,7 +263,7 @@ def test_stfpm_early_stopping_restores_the_best_epoch(data, monkeypatch):
     algo = registry.create("stfpm_r18", pretrained=False, input_size=SIZE, epochs=10, eval_every=1, patience=2,
                            batch_size=6)
     aurocs = iter([0.6, 0.8, 0.7, 0.75, 0.9])  # the best so far is not beaten twice in a row after epoch 2
-    monkeypatch.setattr(algo, "_validate", lambda val: next(aurocs))
+    monkeypatch.setattr(anomalib_adapter, "valid_image_auroc", lambda algo, val: next(aurocs))
     algo.fit(batches(data["train"]), val=[{"image": data["normal"], "label": torch.zeros(6)}])
     assert [h.get("val_image_auroc") for h in algo.history[:-1]] == [0.6, 0.8, 0.7, 0.75]
     assert algo.history[-1] == {"selected_epoch": 2, "val_image_auroc": 0.8}

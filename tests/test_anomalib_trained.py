@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from bmad import registry
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record, same_record
 
 # Small settings per model: resnet18 where the model takes a backbone, the smallest legal size.
 SMALL: dict[str, dict[str, Any]] = {
@@ -266,15 +266,8 @@ def toy_bench(tmp_path_factory) -> Path:
 
 def run_through_runner(name: str, bench: Path, results: Path, effnet: Path) -> dict[str, Any]:
     """One run of ``name`` through the harness (random init; CS-Flow: the calibrated weights)."""
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
     weights = str(effnet) if name == "csflow" else None
-    opts = SweepOptions(results=results, random_init=weights is None, weights=weights, params=E2E[name],
-                        progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", name, 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record(name, bench, results, E2E[name], weights=weights)
 
 
 def first_record(name: str, bench: Path, results: Path, effnet: Path) -> dict[str, Any]:
@@ -314,9 +307,7 @@ def test_trains_and_predicts_through_the_runner(name, toy_bench, tmp_path, effne
 def test_same_seed_same_record(name, toy_bench, tmp_path, effnet_weights):
     first = first_record(name, toy_bench, tmp_path / "a", effnet_weights)
     again = run_through_runner(name, toy_bench, tmp_path / "b", effnet_weights)
-    assert again["config_hash"] == first["config_hash"]
-    assert again["metrics"] == first["metrics"]
-    assert again["history"] == first["history"]
+    same_record(first, again)
 
 
 # -- registry, defaults, cheap import ----------------------------------------------------

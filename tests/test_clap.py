@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_bench
 
 from algorithms.clap import Clap
 from algorithms.clap.prompts import PROMPTS, prompts_for
@@ -25,6 +24,7 @@ from algorithms.clap.torch_model import UNet, mean_filter, mosaic, msgms_loss, m
 from algorithms.clip import TINY_CLIP, batch_first, build_clip, freeze, tokenizer_for
 from bmad import registry
 from bmad.errors import WeightsError
+from tests.conftest import make_bench, run_record, same_record
 
 TINY = dict(clip_model=TINY_CLIP, pretrained=False, m2ib_layer=2, unet_widths=(8, 16), unet_size=32)
 
@@ -362,13 +362,7 @@ def toy_bench(tmp_path_factory) -> Path:
 
 
 def _run(bench: Path, results: Path, params: dict) -> dict:
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params=params, progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "clap", 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record("clap", bench, results, params)
 
 
 def test_trains_and_predicts_through_the_runner_same_seed_same_record(toy_bench, tmp_path):
@@ -378,8 +372,7 @@ def test_trains_and_predicts_through_the_runner_same_seed_same_record(toy_bench,
     assert first["params"]["trainable"] == sum(p.numel() for p in UNet(3, (8, 16)).parameters())
     assert first["metrics"]["pixel_auroc"] is not None and first["config"]["anatomy"] == "brain"
     again = _run(toy_bench, tmp_path / "b", E2E)
-    assert again["config_hash"] == first["config_hash"]
-    assert again["metrics"] == first["metrics"] and again["history"] == first["history"]
+    same_record(first, again)
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ AUROC above chance on bright-disc anomalies) and determinism. Random-init ResNet
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from algorithms.cutpaste import (
     receptive_field_upsample,
 )
 from bmad import registry
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record
 
 FAST = dict(input_size=64, steps=6, freeze_steps=2, batch_size=8, lr=0.01)
 
@@ -214,14 +213,7 @@ def bench(tmp_path_factory) -> Path:
 
 
 def run(bench: Path, results: Path, **params: Any) -> dict[str, Any]:
-    import algorithms.cutpaste  # noqa: F401  (registers the name)
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params={**FAST, **params}, progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "cutpaste", 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record("cutpaste", bench, results, {**FAST, **params})
 
 
 def test_runner_end_to_end_above_chance_and_deterministic(bench, tmp_path):

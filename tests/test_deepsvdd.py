@@ -3,7 +3,6 @@ the runner end to end (image AUROC above chance on bright-disc anomalies) and de
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from algorithms.deepsvdd import DeepSVDD, LeNetAutoencoder, LeNetEncoder, gcn_l1, init_center, svdd_scores
 from bmad import registry
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record
 
 FAST = dict(epochs=8, ae_epochs=4, ae_lr=1e-3, lr=1e-3, batch_size=8, ae_batch_size=8)
 
@@ -123,14 +122,7 @@ def bench(tmp_path_factory) -> Path:
 
 
 def run(bench: Path, results: Path, **params: Any) -> dict[str, Any]:
-    import algorithms.deepsvdd  # noqa: F401  (registers the name)
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params={**FAST, **params}, progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "deepsvdd", 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record("deepsvdd", bench, results, {**FAST, **params})
 
 
 def test_runner_end_to_end_above_chance_and_deterministic(bench, tmp_path):

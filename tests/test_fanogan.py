@@ -5,7 +5,6 @@ bright-disc anomalies) and determinism. Tiny networks (dim 8) at 32 x 32."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from algorithms.fanogan import (
     izif_terms,
 )
 from bmad import registry
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record
 
 TINY = dict(input_size=32, latent_dim=16, dim=8, epochs=3, batch_size=8)
 
@@ -230,14 +229,7 @@ def bench(tmp_path_factory) -> Path:
 
 
 def run(bench: Path, results: Path, **params: Any) -> dict[str, Any]:
-    import algorithms.fanogan  # noqa: F401  (registers the name)
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params={**TINY, **params}, progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "fanogan", 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record("fanogan", bench, results, {**TINY, **params})
 
 
 def test_runner_end_to_end_above_chance_and_deterministic(bench, tmp_path):

@@ -3,7 +3,6 @@ and runs through the harness (tiny CLIP, random weights; the full-size count is 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 from algorithms.clip import TINY_CLIP, encode_text_embeddings, prompt_ids, tokenizer_for, with_context
 from algorithms.lerec import Lerec, laplacian_enhance, low_frequency
 from bmad import registry
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record, same_record
 
 TINY = dict(clip_model=TINY_CLIP, image_size=224, layers=(1, 2, 3, 4), pretrained=False)
 W5 = np.array([1, 4, 6, 4, 1]) / 16
@@ -189,14 +188,8 @@ def toy_bench(tmp_path_factory) -> Path:
 
 
 def run_lerec(bench: Path, results: Path, seed: int = 0) -> dict:
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
     params = dict(clip_model=TINY_CLIP, epochs=2, image_size=224, layers=[1, 2, 3, 4])
-    opts = SweepOptions(results=results, random_init=True, params=params, progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "lerec", seed))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record("lerec", bench, results, params, seed=seed)
 
 
 def test_trains_and_predicts_through_the_runner_and_repeats(toy_bench, tmp_path):
@@ -210,5 +203,4 @@ def test_trains_and_predicts_through_the_runner_and_repeats(toy_bench, tmp_path)
     assert m["pixel_auroc"] is not None and 0 <= m["pixel_auroc"] <= 1
     print(f"lerec tiny random-init, 2 epochs: image AUROC {m['image_auroc']:.3f}, pixel AUROC {m['pixel_auroc']:.3f}")
     again = run_lerec(toy_bench, tmp_path / "b")
-    assert again["config_hash"] == first["config_hash"]
-    assert again["metrics"] == first["metrics"] and again["history"] == first["history"]
+    same_record(first, again)

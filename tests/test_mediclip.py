@@ -7,7 +7,6 @@ parameter count builds the 428M-parameter architecture and is marked slow.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from algorithms.synthesis.rng import rng_for
 from algorithms.synthesis.tasks import MediCLIPSynthesis
 from bmad import registry
 from bmad.runner import seed_everything
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record
 
 TINY_LAYERS = (1, 2, 3)
 FULL_TRAINABLE = 3 * (1024 * 768 + 768) + 21 * 8 * 768  # 2,490,624
@@ -271,14 +270,8 @@ def test_a_few_steps_lower_the_loss(toy_bench):
 
 def run_tiny(bench: Path, results: Path, **params: Any) -> dict[str, Any]:
     """One 4-shot run of the tiny MediCLIP through the harness (random init, seed 0)."""
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, progress=False, verbose=False,
-                        params={"clip_model": TINY_CLIP, "layers": [1, 2, 3], **params})
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "mediclip", 0, shots=4))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    params = {"clip_model": TINY_CLIP, "layers": [1, 2, 3], **params}
+    return run_record("mediclip", bench, results, params, shots=4)
 
 
 def test_trains_and_predicts_through_the_runner(toy_bench, tmp_path):

@@ -4,7 +4,6 @@ and end-to-end runs through the runner (random-init VGG16 teacher)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from algorithms.mkd.torch_model import (
     saliency_map,
 )
 from bmad.errors import WeightsError
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record, same_record
 
 
 def test_direction_loss_is_one_minus_cosine_per_image():
@@ -153,28 +152,16 @@ def toy_bench(tmp_path_factory) -> Path:
 
 
 def run(bench: Path, results: Path, **params: Any) -> dict[str, Any]:
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params=dict(E2E, **params), progress=False,
-                        verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "mkd", 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record("mkd", bench, results, dict(E2E, **params))
 
 
-_first: list[dict[str, Any]] = []
+@pytest.fixture(scope="module")
+def first(toy_bench, tmp_path_factory) -> dict[str, Any]:
+    """The first run's record (made once per module, reused by the rerun test)."""
+    return run(toy_bench, tmp_path_factory.mktemp("first"))
 
 
-def first_record(bench: Path, results: Path) -> dict[str, Any]:
-    """The first run's record (made once per session, reused by the rerun test)."""
-    if not _first:
-        _first.append(run(bench, results))
-    return _first[0]
-
-
-def test_runs_through_the_runner(toy_bench, tmp_path):
-    first = first_record(toy_bench, tmp_path)
+def test_runs_through_the_runner(first):
     assert [h["epoch"] for h in first["history"]] == [1, 2, 3]  # "last": no selection record
     assert first["metrics"]["image_auroc"] >= 0.8, first["metrics"]
     assert first["metrics"]["pixel_auroc"] is not None
@@ -182,11 +169,9 @@ def test_runs_through_the_runner(toy_bench, tmp_path):
 
 
 @pytest.mark.slow
-def test_same_seed_same_record(toy_bench, tmp_path):
-    first = first_record(toy_bench, tmp_path / "a")
-    again = run(toy_bench, tmp_path / "b")
-    assert again["config_hash"] == first["config_hash"]
-    assert again["metrics"] == first["metrics"] and again["history"] == first["history"]
+def test_same_seed_same_record(first, toy_bench, tmp_path):
+    again = run(toy_bench, tmp_path)
+    same_record(first, again)
 
 
 @pytest.mark.slow

@@ -335,8 +335,8 @@ def run_tiny(bench: Path, **params: Any) -> dict[str, Any]:
     opts = SweepOptions(random_init=True, progress=False, verbose=False,
                         params={"clip_model": TINY_CLIP, "layers": "1,2,3,4", **params})
     algo = build_algorithm("mvfa", opts)
-    return {"config": algo.get_config(), **_execute(algo, resolve_bench(f"folder:{bench}"), RunSpec(
-        f"folder:{bench}", "mvfa", 0, shots=4), opts)}
+    result, _ = _execute(algo, resolve_bench(f"folder:{bench}"), RunSpec(f"folder:{bench}", "mvfa", 0, shots=4), opts)
+    return {"config": algo.get_config(), **result}
 
 
 def test_trains_and_predicts_through_the_runner(toy_bench):

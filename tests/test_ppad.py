@@ -8,7 +8,6 @@ ViT-B-32 (about 3 s).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from algorithms.clip import TINY_CLIP, build_clip, tokenizer_for
 from algorithms.ppad import CHEXZERO_FILE, PPAD, VIEW_NAMES, PositionPrompts, combine_views, get_view
 from bmad import registry
 from bmad.errors import WeightsError
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record
 
 SIZE, PATCH = 224, 32
 
@@ -255,20 +254,13 @@ def toy_bench(tmp_path_factory) -> Path:
     return make_bench(tmp_path_factory.mktemp("bench") / "Toy", n_train=6, n_valid=(1, 1), n_test=(4, 4), size=32)
 
 
-def run_record(name: str, bench: Path, results: Path, **params) -> dict:
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params={"clip_model": TINY_CLIP, **params},
-                        progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", name, 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+def run_tiny(name: str, bench: Path, results: Path, **params) -> dict:
+    return run_record(name, bench, results, {"clip_model": TINY_CLIP, **params})
 
 
 def test_ppad_trains_and_predicts_through_the_runner_repeatably(toy_bench, tmp_path):
-    first = run_record("ppad", toy_bench, tmp_path / "a", epochs=2)
-    again = run_record("ppad", toy_bench, tmp_path / "b", epochs=2)
+    first = run_tiny("ppad", toy_bench, tmp_path / "a", epochs=2)
+    again = run_tiny("ppad", toy_bench, tmp_path / "b", epochs=2)
     assert first["config"]["views"] == list(VIEW_NAMES) and first["config"]["pretrained"] is False
     assert [h["epoch"] for h in first["history"]] == [1, 2]
     assert first["params"]["trainable"] == 16 * 64 + 49 * 64

@@ -6,7 +6,6 @@ block receives); the parameter count is checked on a random full-size ViT-B-32 (
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from algorithms.ppad import CHEXZERO_FILE, PPAD
 from algorithms.zeroshot_clip import CheXzeroZeroShot
 from bmad import registry
 from bmad.errors import WeightsError
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record
 
 SIZE = 224
 
@@ -186,15 +185,8 @@ def toy_bench(tmp_path_factory) -> Path:
     return make_bench(tmp_path_factory.mktemp("bench") / "Toy", n_train=4, n_valid=(1, 1), n_test=(3, 3), size=32)
 
 
-def run_record(name: str, bench: Path, results: Path, params: dict) -> dict:
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params={"clip_model": TINY_CLIP, **params},
-                        progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", name, 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+def run_tiny(name: str, bench: Path, results: Path, params: dict) -> dict:
+    return run_record(name, bench, results, {"clip_model": TINY_CLIP, **params})
 
 
 TRAINABLE = {"coop": 16 * 64, "maple": 2 * 64 + 64 * 2 + 2 * (64 * 64 + 64), "chexzero_zeroshot": 0}
@@ -205,7 +197,7 @@ def test_trains_and_predicts_through_the_runner(name, toy_bench, tmp_path):
     """One run each (the runner's repeatability is checked on ppad in test_ppad.py, the scores'
     above)."""
     params = {} if name == "chexzero_zeroshot" else {"epochs": 2}
-    record = run_record(name, toy_bench, tmp_path, params)
+    record = run_tiny(name, toy_bench, tmp_path, params)
     history = record["history"]
     assert [h["epoch"] for h in history] == ([] if name == "chexzero_zeroshot" else [1, 2])
     assert all(np.isfinite(h["train_loss"]) for h in history)

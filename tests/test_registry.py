@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,19 @@ def test_import_bmad_cli_does_not_import_heavy_libraries() -> None:
     code = "import bmad.cli, sys; print(sorted(m for m in ('anomalib', 'lightning', 'open_clip') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unpackaged_plugin_modules_from_bmad_plugins(tmp_path: Path) -> None:
+    (tmp_path / "my_algos.py").write_text(textwrap.dedent('''
+        from bmad.algorithm import Algorithm
+        from bmad.registry import register
+
+        @register("my_sleeper")
+        class Sleeper(Algorithm):
+            family = "test"
+    '''))
+    env = {"PYTHONPATH": str(tmp_path), "BMAD_PLUGINS": "my_algos, no_such_module"}
+    out = run_bmad("list", "algos", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "my_sleeper" in out.stdout
+    assert "no_such_module" in out.stdout + out.stderr  # the broken one is reported, the rest still listed

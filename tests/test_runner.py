@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bmad.records import is_done, load_records, read_record
+from bmad.runner import sample_indices, write_map_sample
 from tests.conftest import make_bench, run_bmad
 
 
@@ -42,14 +44,44 @@ def test_record_contents_and_resume(toy_plugin: Path, bench_dir: Path, tmp_path:
     assert r["memory"]["peak_rss_mb"] > 50
     assert len(r["data"]["train_files"]) == 5 and r["data"]["n_train"] == 5 and r["data"]["n_test"] == 16
     assert recs[0]["data"]["train_files"] != recs[1]["data"]["train_files"]  # drawn per seed
-    assert r["config"] == {"sleep": 0.0, "fail": False, "noise": 0.0, "input_size": None}
+    assert r["config"] == {"sleep": 0.0, "fail": False, "noise": 0.0, "input_size": None, "oom_flag": None,
+                           "kill_flag": None}
     assert r["history"] == [{"epoch": 0, "n": 5}]
-    assert r["env"]["torch"] and r["env"]["device"] == "cpu"
+    assert r["env"]["torch"] and r["env"]["device"] == "cpu" and r["env"]["deterministic"] is True
+    assert r["per_image"]["labels"] == [0] * 8 + [1] * 8  # test order: good, then Ungood
+    assert len(r["per_image"]["scores"]) == 16
+    sample = np.load(res.rglob(r["map_sample"]["file"]).__next__())
+    assert r["map_sample"] == {"file": f"seed{r['seed']}.maps.npz", "n": 8, "size": [32, 32]}
+    assert list(sample["index"]) == sample_indices(r["per_image"]["labels"], 8)
+    assert list(sample["labels"]) == [r["per_image"]["labels"][i] for i in sample["index"]]
+    np.testing.assert_allclose(sample["scores"], [r["per_image"]["scores"][i] for i in sample["index"]])
+    assert sample["maps"].shape == (8, 32, 32) and sample["maps"].dtype == np.float16
+    assert all(f.startswith("test/") for f in sample["files"])
     mtimes = {p: p.stat().st_mtime_ns for p in res.rglob("seed*.json")}
 
     again = run_bmad(*args, plugin=toy_plugin)
     assert again.returncode == 0 and "0 done, 2 already done" in again.stdout
     assert mtimes == {p: p.stat().st_mtime_ns for p in res.rglob("seed*.json")}
+
+
+def test_sample_indices_favour_anomalies_and_spread_evenly() -> None:
+    labels = [0] * 10 + [1] * 10
+    assert sample_indices(labels, 8) == [0, 9, 10, 12, 14, 15, 17, 19]  # 2 normal + 6 anomalous, ends included
+    assert sample_indices([0] * 5 + [1], 4) == [0, 2, 4, 5]  # one anomaly only: normals fill up
+    assert sample_indices([1, 1], 8) == [0, 1]
+    assert sample_indices(labels, 0) == [] and sample_indices([], 8) == []
+
+
+def test_map_sample_is_shrunk_to_256_px_and_written_atomically(tmp_path: Path) -> None:
+    record = tmp_path / "seed3.json"
+    maps = np.random.default_rng(0).random((2, 300, 600)).astype(np.float32)
+    entry = write_map_sample(record, {"index": np.array([4, 7]), "maps": maps, "labels": np.array([1, 0])})
+    assert entry == {"file": "seed3.maps.npz", "n": 2, "size": [128, 256]}
+    assert [p.name for p in tmp_path.iterdir()] == ["seed3.maps.npz"]  # no temp file left
+    sample = np.load(tmp_path / "seed3.maps.npz")
+    assert sample["maps"].shape == (2, 128, 256) and sample["maps"].dtype == np.float16
+    assert abs(float(sample["maps"].mean()) - float(maps.mean())) < 0.01
+    assert list(sample["index"]) == [4, 7]
 
 
 def test_same_seed_same_metrics(toy_plugin: Path, bench_dir: Path, tmp_path: Path) -> None:
@@ -60,6 +92,21 @@ def test_same_seed_same_metrics(toy_plugin: Path, bench_dir: Path, tmp_path: Pat
         assert out.returncode == 0, out.stderr
         runs.append(_records(tmp_path / name)[0]["metrics"])
     assert runs[0] == runs[1]
+
+
+def test_per_algorithm_params_apply_to_their_algorithm_only(toy_plugin: Path, bench_dir: Path,
+                                                            tmp_path: Path) -> None:
+    out = run_bmad("run", "--algo", "toy", "--bench", f"folder:{bench_dir}", "--param", "noise=0.1",
+                   "--param", "toy:noise=0.5", "--results", str(tmp_path), "--no-progress", plugin=toy_plugin)
+    assert out.returncode == 0, out.stderr
+    assert _records(tmp_path)[0]["config"]["noise"] == 0.5  # the per-algorithm value wins
+    import algorithms  # noqa: F401
+    from bmad.runner import SweepOptions, build_algorithm
+
+    opts = SweepOptions(params={"input_size": 64}, algo_params={"deepsvdd": {"epochs": 3}}, random_init=True)
+    assert build_algorithm("deepsvdd", opts).get_config()["epochs"] == 3
+    assert build_algorithm("fanogan", opts).get_config()["input_size"] == (64, 64)
+    assert build_algorithm("fanogan", opts).get_config()["epochs"] != 3
 
 
 def test_failed_run_is_recorded_and_sweep_continues(toy_plugin: Path, bench_dir: Path, tmp_path: Path) -> None:
@@ -83,6 +130,9 @@ def test_failed_run_is_recorded_and_sweep_continues(toy_plugin: Path, bench_dir:
         (("--algo", "toy", "--bench", "brats2021"), "bench 'brats2021' not found"),
         (("--algo", "toy", "--bench", "folder:/no/such/dir"), "/no/such/dir does not exist"),
         (("--algo", "toy", "--bench", "BENCH", "--param", "nope=1"), "has no parameter nope"),
+        (("--algo", "toy", "--bench", "BENCH", "--param", "toy:nope=1"), "has no parameter nope"),
+        (("--algo", "toy", "--bench", "BENCH", "--param", "padim:noise=1"), "names algorithm 'padim', which is not"),
+        (("--algo", "toy", "--bench", "BENCH", "--param", "toy:=1"), "is not KEY=VALUE or ALGO:KEY=VALUE"),
         (("--algo", "toy", "--bench", "BENCH", "--device", "cuda:7"), "--device cuda:7"),
     ],
 )
@@ -145,7 +195,10 @@ def _check_complete(res: Path, seeds: int) -> None:
     recs = _records(res)
     assert sorted(r["seed"] for r in recs) == list(range(seeds))
     assert all(r["status"] == "ok" for r in recs)
-    assert not [p for p in res.rglob("*") if p.is_file() and p.suffix != ".json"], "partial files left"
+    files = [p for p in res.rglob("*") if p.is_file()]
+    samples = [p for p in files if p.name.endswith(".maps.npz")]
+    assert not [p for p in files if p.suffix != ".json" and p not in samples], "partial files left"
+    assert all(p.with_name(p.name.replace(".maps.npz", ".json")).exists() for p in samples), "orphan map samples"
 
 
 def test_sigkill_then_rerun_finishes_without_loss(toy_plugin: Path, tmp_path: Path) -> None:
@@ -200,3 +253,12 @@ def test_input_size_constraints_are_applied_by_the_harness() -> None:
     sized = Square()
     sized.input_size = (100, 60)
     assert input_size_for(sized, (512, 512)) == (104, 104)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt exists on Linux only")
+def test_sweeps_fix_glibc_mmap_threshold() -> None:
+    code = ("import os; from bmad.runner import fix_malloc_threshold; print(fix_malloc_threshold()); "
+            "os.environ['MALLOC_MMAP_THRESHOLD_'] = '1'; fix_malloc_threshold.cache_clear(); "
+            "print(fix_malloc_threshold())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert out.stdout.split() == ["True", "False"], out.stderr  # set by bmad; left alone when the user set it

@@ -4,7 +4,6 @@ end-to-end runs through the runner (random-init ResNet-18, tiny transformer)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from algorithms.utrad import Utrad
 from algorithms.utrad.torch_model import FeatureTokens, UTransformer, anomaly_map, merge, partition, utrad_loss
 from bmad.errors import WeightsError
 from bmad.weights import create_timm_backbone
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record, same_record
 
 TINY = dict(d_model=32, n_heads=2, ff_dim=64, n_layers=1, patch_sizes=(2, 2, 2), bottleneck_dim=8)
 SMALL = dict(backbone="resnet18", input_size=32, **TINY)
@@ -167,27 +166,16 @@ def toy_bench(tmp_path_factory) -> Path:
 
 
 def run(bench: Path, results: Path) -> dict[str, Any]:
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params=E2E, progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "utrad", 0))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    return run_record("utrad", bench, results, E2E)
 
 
-_first: list[dict[str, Any]] = []
+@pytest.fixture(scope="module")
+def first(toy_bench, tmp_path_factory) -> dict[str, Any]:
+    """The first run's record (made once per module, reused by the rerun test)."""
+    return run(toy_bench, tmp_path_factory.mktemp("first"))
 
 
-def first_record(bench: Path, results: Path) -> dict[str, Any]:
-    """The first run's record (made once per session, reused by the rerun test)."""
-    if not _first:
-        _first.append(run(bench, results))
-    return _first[0]
-
-
-def test_runs_through_the_runner(toy_bench, tmp_path):
-    first = first_record(toy_bench, tmp_path)
+def test_runs_through_the_runner(first):
     epochs, selected = first["history"][:-1], first["history"][-1]
     losses = [h["train_loss"] for h in epochs]
     assert [h["epoch"] for h in epochs] == [1, 2, 3]
@@ -199,8 +187,6 @@ def test_runs_through_the_runner(toy_bench, tmp_path):
 
 
 @pytest.mark.slow
-def test_same_seed_same_record(toy_bench, tmp_path):
-    first = first_record(toy_bench, tmp_path / "a")
-    again = run(toy_bench, tmp_path / "b")
-    assert again["config_hash"] == first["config_hash"]
-    assert again["metrics"] == first["metrics"] and again["history"] == first["history"]
+def test_same_seed_same_record(first, toy_bench, tmp_path):
+    again = run(toy_bench, tmp_path)
+    same_record(first, again)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import socket
 import types
 from pathlib import Path
@@ -23,7 +22,7 @@ from algorithms.clip import TINY_CLIP
 from algorithms.winclip import CLASS_NAMES, WinClip, class_name_for
 from algorithms.winclip.algorithm import bench_relative
 from bmad import registry
-from tests.conftest import make_bench
+from tests.conftest import make_bench, run_record
 
 TINY = dict(clip_model=TINY_CLIP, image_size=224, pretrained=False)
 
@@ -154,14 +153,8 @@ def offline(tmp_path, monkeypatch):
 
 
 def run_winclip(bench: Path, results: Path, seed: int = 0, **params) -> dict:
-    from bmad.runner import RunSpec, Sweep, SweepOptions
-
-    opts = SweepOptions(results=results, random_init=True, params=dict(clip_model=TINY_CLIP, image_size=224, **params),
-                        progress=False, verbose=False)
-    outcome = Sweep(opts).run_one(RunSpec(f"folder:{bench}", "winclip", seed))
-    record = json.loads(outcome.path.read_text())
-    assert record["status"] == "ok", record.get("traceback")
-    return record
+    params = dict(clip_model=TINY_CLIP, image_size=224, **params)
+    return run_record("winclip", bench, results, params, seed=seed)
 
 
 def test_zero_shot_through_the_runner_offline(toy_bench, tmp_path, offline):

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from algorithms.anomalib_adapter import IMAGENET_MEAN, IMAGENET_STD, as_hw
 from algorithms.cutpaste.augment import VARIANTS, make_views
 from algorithms.cutpaste.torch_model import (
     CutPasteNet,
@@ -22,6 +21,7 @@ from algorithms.cutpaste.torch_model import (
     random_patch_crops,
     receptive_field_upsample,
 )
+from algorithms.inputs import as_hw, imagenet_normalize
 from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
 from bmad.registry import register
 from bmad.weights import create_timm_backbone, resolve_weights, timm_spec
@@ -115,12 +115,7 @@ class CutPaste(Algorithm):
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> ImageNet-normalised 3-channel input on the device."""
-        x = x.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return imagenet_normalize(x, self.device)
 
     # -- training ---------------------------------------------------------------------
     def fit(self, train: Iterable[Batch], val: Iterable[Batch] | None = None) -> None:

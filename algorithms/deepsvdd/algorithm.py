@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from algorithms.anomalib_adapter import IMAGENET_MEAN, IMAGENET_STD, as_hw
 from algorithms.deepsvdd.torch_model import LeNetAutoencoder, LeNetEncoder, gcn_l1, init_center, svdd_scores
+from algorithms.inputs import as_hw, imagenet_normalize, three_channels
 from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
 from bmad.registry import register
 
@@ -92,15 +92,10 @@ class DeepSVDD(Algorithm):
     # -- input ------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> the network's input (on the device, 3 channels, normalised)."""
-        x = images.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
         if self.normalize == "gcn":
             lo, hi = self._minmax
-            return (gcn_l1(x) - lo) / (hi - lo)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+            return (gcn_l1(three_channels(images, self.device)) - lo) / (hi - lo)
+        return imagenet_normalize(images, self.device)
 
     # -- the contract -----------------------------------------------------------------
     def fit(self, train: Iterable[Batch], val: Iterable[Batch] | None = None) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from algorithms.anomalib_adapter import as_hw
 from algorithms.fanogan.torch_model import ARCHITECTURES, anomaly_score, build_networks, gradient_penalty, izif_loss
+from algorithms.inputs import as_hw
 from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
 from bmad.registry import register
 

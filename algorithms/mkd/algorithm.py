@@ -3,7 +3,6 @@ batch 64, 201 epochs at 224 px; guided-backpropagation maps."""
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from algorithms.anomalib_adapter import IMAGENET_MEAN, IMAGENET_STD, as_hw
+from algorithms.inputs import as_hw, imagenet_normalize
 from algorithms.mkd.torch_model import (
     SCORE_TAPS,
     Cloner,
@@ -23,6 +22,7 @@ from algorithms.mkd.torch_model import (
 )
 from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
 from bmad.registry import register
+from bmad.training import BestCheckpoint
 from bmad.weights import WeightSpec, load_checkpoint, load_into, resolve_weights, torchvision_spec
 
 LOCALIZATIONS = ("gbp", "gradients", "feature_diff")
@@ -130,12 +130,7 @@ class Mkd(Algorithm):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> 3 channels, ImageNet-normalised, on the device."""
-        x = images.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return imagenet_normalize(images, self.device)
 
     # -- training -------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -160,8 +155,7 @@ class Mkd(Algorithm):
         """Train the cloner for ``epochs`` epochs; keep the epoch chosen by ``selection``."""
         _, cloner = self.build()
         optimizer = self.make_optimizer()
-        best: tuple[float, dict[str, torch.Tensor], int] | None = None
-        stale = 0
+        best = BestCheckpoint(cloner, self.patience)
         for epoch in range(1, self.epochs + 1):
             losses = [self.training_step(batch_images(b), optimizer) for b in train]
             if not losses:
@@ -169,17 +163,14 @@ class Mkd(Algorithm):
             record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
             if self.selection == "val_auroc" and val is not None and (
                     epoch % self.eval_every == 0 or epoch == self.epochs):
-                auroc = record["val_image_auroc"] = valid_image_auroc(self, val)
-                if auroc is not None and (best is None or auroc > best[0]):
-                    best, stale = (auroc, copy.deepcopy(cloner.state_dict()), epoch), 0
-                elif auroc is not None:
-                    stale += 1
+                record["val_image_auroc"] = valid_image_auroc(self, val)
+                best.check(record["val_image_auroc"], epoch)
             self.history.append(record)
-            if self.patience is not None and stale >= self.patience:
+            if best.stop:
                 break
-        if best is not None:
-            cloner.load_state_dict(best[1])
-            self.history.append({"selected_epoch": best[2], "val_image_auroc": best[0]})
+        selected = best.restore()
+        if selected is not None:
+            self.history.append({**selected, "val_image_auroc": best.value})
         cloner.eval()
 
     # -- scoring --------------------------------------------------------------------------

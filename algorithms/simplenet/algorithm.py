@@ -3,7 +3,6 @@ WideResNet-50 layer2+3, 1536-d adaptor, noise std 0.015, margin 0.5, 40 x 4 epoc
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from algorithms.anomalib_adapter import IMAGENET_MEAN, IMAGENET_STD, as_hw
+from algorithms.inputs import as_hw, imagenet_normalize
 from algorithms.simplenet.torch_model import (
     Adaptor,
     Discriminator,
@@ -23,6 +22,7 @@ from algorithms.simplenet.torch_model import (
 )
 from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
 from bmad.registry import register
+from bmad.training import BestCheckpoint
 from bmad.weights import create_timm_backbone, resolve_weights, timm_spec
 
 LAYERS = {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}
@@ -142,12 +142,7 @@ class SimpleNet(Algorithm):
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """[0, 1] images -> ImageNet-normalised -> patch features [B*h*w, D] and the grid (h, w)."""
         extractor, _, _ = self.build()
-        x = images.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return extractor((x - mean) / std)
+        return extractor(imagenet_normalize(images, self.device))
 
     # -- training -------------------------------------------------------------------------
     def make_optimizers(self) -> list[torch.optim.Optimizer]:
@@ -178,8 +173,7 @@ class SimpleNet(Algorithm):
         """``meta_epochs`` x ``gan_epochs`` passes; keep the meta-epoch chosen by ``selection``."""
         _, adaptor, discriminator = self.build()
         optimizers = self.make_optimizers()
-        best: tuple[float, dict[str, Any], int] | None = None
-        stale = 0
+        best = BestCheckpoint({"adaptor": adaptor, "discriminator": discriminator}, self.patience)
         for epoch in range(1, self.meta_epochs + 1):
             losses = [self.training_step(batch_images(b), optimizers) for _ in range(self.gan_epochs) for b in train]
             if not losses:
@@ -187,19 +181,14 @@ class SimpleNet(Algorithm):
             record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
             if self.selection == "val_auroc" and val is not None and (
                     epoch % self.eval_every == 0 or epoch == self.meta_epochs):
-                auroc = record["val_image_auroc"] = valid_image_auroc(self, val)
-                if auroc is not None and (best is None or auroc > best[0]):
-                    state = {"adaptor": adaptor.state_dict(), "discriminator": discriminator.state_dict()}
-                    best, stale = (auroc, copy.deepcopy(state), epoch), 0
-                elif auroc is not None:
-                    stale += 1
+                record["val_image_auroc"] = valid_image_auroc(self, val)
+                best.check(record["val_image_auroc"], epoch)
             self.history.append(record)
-            if self.patience is not None and stale >= self.patience:
+            if best.stop:
                 break
-        if best is not None:
-            adaptor.load_state_dict(best[1]["adaptor"])
-            discriminator.load_state_dict(best[1]["discriminator"])
-            self.history.append({"selected_epoch": best[2], "val_image_auroc": best[0]})
+        selected = best.restore()
+        if selected is not None:
+            self.history.append({**selected, "val_image_auroc": best.value})
         adaptor.eval()
         discriminator.eval()
 

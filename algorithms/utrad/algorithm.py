@@ -3,7 +3,6 @@ ResNet-18 feature tokens; Adam lr 1e-4, betas (0.5, 0.999), batch 8, 150 epochs,
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -13,10 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from algorithms.anomalib_adapter import IMAGENET_MEAN, IMAGENET_STD, as_hw
+from algorithms.inputs import as_hw, imagenet_normalize
 from algorithms.utrad.torch_model import FeatureTokens, UTransformer, anomaly_map, utrad_loss
 from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
 from bmad.registry import register
+from bmad.training import BestCheckpoint
 from bmad.weights import create_timm_backbone, resolve_weights, timm_spec
 
 SELECTIONS = ("train_loss", "val_auroc", "last")
@@ -130,12 +130,7 @@ class Utrad(Algorithm):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] images -> ImageNet-normalised -> feature tokens [B, C, H/4, W/4]."""
         tokens, _ = self.build()
-        x = images.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return tokens((x - mean) / std)
+        return tokens(imagenet_normalize(images, self.device))
 
     # -- training -------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -158,30 +153,24 @@ class Utrad(Algorithm):
         """Train for ``epochs`` epochs and keep the checkpoint chosen by ``selection``."""
         _, model = self.build()
         optimizer = self.make_optimizer()
-        best: tuple[float, dict[str, torch.Tensor], int] | None = None
-        stale = 0
+        best = BestCheckpoint(model, self.patience)
         for epoch in range(1, self.epochs + 1):
             losses = [self.training_step(batch_images(b), optimizer) for b in train]
             if not losses:
                 raise ValueError("UTRAD.fit: the training set is empty")
             record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-            value = None
             if self.selection == "train_loss":
-                value = -record["train_loss"]
+                best.check(-record["train_loss"], epoch)
             elif self.selection == "val_auroc" and val is not None and (
                     epoch % self.eval_every == 0 or epoch == self.epochs):
-                value = record["val_image_auroc"] = valid_image_auroc(self, val)
-            if value is not None:
-                if best is None or value > best[0]:
-                    best, stale = (value, copy.deepcopy(model.state_dict()), epoch), 0
-                else:
-                    stale += 1
+                record["val_image_auroc"] = valid_image_auroc(self, val)
+                best.check(record["val_image_auroc"], epoch)
             self.history.append(record)
-            if self.patience is not None and stale >= self.patience:
+            if best.stop:
                 break
-        if best is not None:
-            model.load_state_dict(best[1])
-            self.history.append({"selected_epoch": best[2], "selection": self.selection})
+        selected = best.restore()
+        if selected is not None:
+            self.history.append({**selected, "selection": self.selection})
         model.eval()
 
     # -- scoring --------------------------------------------------------------------------
