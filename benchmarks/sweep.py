@@ -5,7 +5,8 @@
 
 A dummy algorithm (``bench_sleeper``, written to a temporary module and loaded through
 ``$BMAD_PLUGINS``) spends ``--seconds`` in ``fit`` (sleeping, or ``--busy``: a Python loop
-that keeps one core busy) and predicts constant-plus-noise scores; every run is a real
+that keeps one core busy) and predicts random scores (and, with ``--maps``, random maps,
+so every run also pays for the exact pixel metrics and a map sample); every run is a real
 ``bmad run`` run (build, load a tiny generated bench of 4 + 4 images, fit, predict, metrics,
 map sample, atomic record). One sweep = ``--runs`` seeds of it through
 ``bmad run --executor X [--workers W]``, a fresh results folder each time, the command
@@ -48,9 +49,11 @@ class Sleeper(Algorithm):
     pixel_level = True
     channels = 1
 
-    def __init__(self, seconds: float = 1.0, busy: bool = False):
+    def __init__(self, seconds: float = 1.0, busy: bool = False, maps: bool = False):
         self.seconds = seconds
         self.busy = busy
+        self.maps = maps  # return maps: pixel metrics and a map sample for every run
+        self.pixel_level = maps
 
     def fit(self, train, val=None):
         for _ in train:
@@ -66,7 +69,7 @@ class Sleeper(Algorithm):
     def predict_map(self, images):
         g = torch.Generator().manual_seed(int(images.sum() * 1000) % 2**31)
         maps = torch.rand(images.shape[0], *images.shape[-2:], generator=g)
-        return Prediction(maps.flatten(1).mean(1), maps)
+        return Prediction(maps.flatten(1).mean(1), maps if self.maps else None)
 '''
 
 
@@ -93,7 +96,7 @@ def make_tiny_bench(root: Path) -> Path:
 def one_sweep(bench: Path, plugin_dir: Path, results: Path, executor: str, workers: int, args: argparse.Namespace,
               ) -> dict:
     cmd = [sys.executable, "-m", "bmad.cli", "run", "--algo", "bench_sleeper", "--bench", f"folder:{bench}",
-           "--seeds", str(args.runs), "--param", f"seconds={args.seconds}", "--param", f"busy={str(args.busy).lower()}",
+           "--seeds", str(args.runs), "--param", f"seconds={args.seconds}", "--param", f"busy={str(args.busy).lower()}", "--param", f"maps={str(args.maps).lower()}",
            "--results", str(results), "--no-progress", "--executor", executor]
     if executor == "local":
         cmd += ["--workers", str(workers)]
@@ -119,6 +122,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--seconds", type=float, default=1.0, help="time each dummy run spends in fit")
     ap.add_argument("--busy", action="store_true", help="keep a core busy instead of sleeping")
+    ap.add_argument("--maps", action="store_true",
+                    help="the dummy returns random maps: every run also computes the pixel metrics (exact, "
+                         "~0.1 s on random maps whatever their size) and writes a map sample")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="local worker counts to try")
     ap.add_argument("--executors", nargs="+", default=["local", "ray"], choices=["local", "ray"])
     ap.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 1,
@@ -141,7 +147,8 @@ def main() -> None:
             print(f"{executor:5s} {workers} workers: wall {row['wall_s']:.1f} s, steady {row['steady_s']:.1f} s, "
                   f"ideal {row['ideal_s']:.1f} s -> {100 * row['whole_efficiency']:.1f} % whole, "
                   f"{100 * row['steady_efficiency']:.1f} % steady", flush=True)
-    print(f"\n{os.cpu_count()} cores; {args.runs} runs of {args.seconds} s ({'busy' if args.busy else 'sleep'})\n")
+    print(f"\n{os.cpu_count()} cores; {args.runs} runs of {args.seconds} s ({'busy' if args.busy else 'sleep'}"
+          f"{', with maps' if args.maps else ', image-level'})\n")
     print("| executor | workers | wall (s) | steady span (s) | ideal (s) | efficiency, whole | efficiency, steady |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

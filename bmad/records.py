@@ -72,12 +72,17 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     write_json_atomic(path, {"schema": SCHEMA_VERSION, **record})
 
 
-def clean_stale_temps(folder: Path) -> None:
-    """Remove temp files a killed writer left in ``folder`` (only this run writes there)."""
-    if folder.is_dir():
-        for p in folder.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+def clean_stale_temps(record: Path) -> None:
+    """Remove the temp files a killed writer of this run left beside ``record`` (its record
+    and its map sample). Only this run writes them; the other seeds of the same
+    configuration, in the same folder, may be running in other workers right now, so their
+    temp files are left alone."""
+    stem = record.name[: -len(".json")] if record.name.endswith(".json") else record.name
+    if record.parent.is_dir():
+        for pattern in (f".{record.name}.*.tmp", f".{stem}.maps.npz.*.tmp"):
+            for p in record.parent.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
 
 
 @dataclass

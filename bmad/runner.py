@@ -260,7 +260,7 @@ class Sweep:
             return RunOutcome(spec, "skipped", path)
         bench = self.bench(spec.bench)
         train_bench = self.bench(spec.train_bench) if spec.train_bench else None
-        clean_stale_temps(path.parent)
+        clean_stale_temps(path)
         record["started"] = time.time()  # wall clock (Unix seconds): when and how long, across workers
         try:
             result, sample = _execute(algo, bench, spec, opts, train_bench)

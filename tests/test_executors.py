@@ -109,10 +109,12 @@ def test_cross_bench_runs_train_on_one_bench_and_test_on_another(toy_plugin, two
     assert none.returncode == 2 and "no cross-bench runs" in none.stderr
 
 
+@pytest.mark.slow  # a local Ray instance takes 20-60 s to start on 2 cores
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray is not installed (pip install 'bmad[ray]')")
 def test_ray_gives_the_same_records_as_local(toy_plugin, two_benches, tmp_path):
     local = _sweep(two_benches, tmp_path / "local", plugin=toy_plugin)
-    ray = _sweep(two_benches, tmp_path / "ray", "--executor", "ray", "--address", "local", plugin=toy_plugin)
+    # default --address auto: no cluster runs here, so bmad starts a local Ray instance
+    ray = _sweep(two_benches, tmp_path / "ray", "--executor", "ray", plugin=toy_plugin)
     assert local.returncode == 0 and ray.returncode == 0, ray.stderr[-3000:]
     a, b = _records(tmp_path / "local"), _records(tmp_path / "ray")
     assert set(a) == set(b) and len(a) == 4

@@ -262,3 +262,14 @@ def test_sweeps_fix_glibc_mmap_threshold() -> None:
             "print(fix_malloc_threshold())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert out.stdout.split() == ["True", "False"], out.stderr  # set by bmad; left alone when the user set it
+
+
+def test_stale_temp_cleanup_leaves_other_seeds_writes_alone(tmp_path: Path) -> None:
+    from bmad.records import clean_stale_temps
+
+    mine = [tmp_path / ".seed3.json.ab12cd.tmp", tmp_path / ".seed3.maps.npz.x9y8.tmp"]
+    others = [tmp_path / ".seed4.json.ef34gh.tmp", tmp_path / ".seed31.json.zz.tmp", tmp_path / "seed3.json"]
+    for p in mine + others:
+        p.write_text("x")
+    clean_stale_temps(tmp_path / "seed3.json")  # another worker may be writing seed 4 right now
+    assert not any(p.exists() for p in mine) and all(p.exists() for p in others)
