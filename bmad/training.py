@@ -1,13 +1,16 @@
-"""Checkpoint selection for algorithms trained by epochs: keep the best state, count the
-checks since it last improved (early stopping), restore it at the end."""
+"""Training by epochs: checkpoint selection (keep the best state, count the checks since
+it last improved for early stopping, restore it at the end) and the shared epoch loop."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+
+from bmad.algorithm import Algorithm, Batch, batch_images, valid_image_auroc
 
 
 class BestCheckpoint:
@@ -52,3 +55,47 @@ class BestCheckpoint:
         for name, module in self.modules.items():
             module.load_state_dict(self.state[name])
         return {"selected_epoch": self.epoch}
+
+
+def train_by_epochs(
+    algo: Algorithm,
+    train: Iterable[Batch],
+    val: Iterable[Batch] | None,
+    step: Callable[[torch.Tensor], float],
+    best: BestCheckpoint,
+    *,
+    epochs: int,
+    selection: str,
+    eval_every: int,
+    passes: int = 1,
+) -> None:
+    """The epoch loop shared by the natively trained algorithms.
+
+    Each epoch runs ``step(images) -> loss`` over ``train`` ``passes`` times and appends
+    {"epoch", "train_loss"} to ``algo.history``. ``selection``: "train_loss" keeps the
+    epoch with the lowest mean loss; "val_auroc" the best image AUROC on ``val`` (checked
+    every ``eval_every`` epochs and after the last; stored as "val_image_auroc"); "last"
+    keeps the last epoch. ``best`` holds the modules and the patience; at the end the
+    selected weights are restored and {"selected_epoch", "selection"[, "val_image_auroc"]}
+    is appended.
+    """
+    name = f"{type(algo).__name__}.fit"
+    for epoch in range(1, epochs + 1):
+        losses = [step(batch_images(b)) for _ in range(passes) for b in train]
+        if not losses:
+            raise ValueError(f"{name}: the training set is empty")
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
+        if selection == "train_loss":
+            best.check(-record["train_loss"], epoch)
+        elif selection == "val_auroc" and val is not None and (epoch % eval_every == 0 or epoch == epochs):
+            record["val_image_auroc"] = valid_image_auroc(algo, val)
+            best.check(record["val_image_auroc"], epoch)
+        algo.history.append(record)
+        if best.stop:
+            break
+    selected = best.restore()
+    if selected is not None:
+        selected["selection"] = selection
+        if selection == "val_auroc":
+            selected["val_image_auroc"] = best.value
+        algo.history.append(selected)

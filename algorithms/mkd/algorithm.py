@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,9 +19,9 @@ from algorithms.mkd.torch_model import (
     feature_difference_map,
     saliency_map,
 )
-from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
+from bmad.algorithm import Algorithm, Batch, Prediction
 from bmad.registry import register
-from bmad.training import BestCheckpoint
+from bmad.training import BestCheckpoint, train_by_epochs
 from bmad.weights import WeightSpec, load_checkpoint, load_into, resolve_weights, torchvision_spec
 
 LOCALIZATIONS = ("gbp", "gradients", "feature_diff")
@@ -155,22 +154,9 @@ class Mkd(Algorithm):
         """Train the cloner for ``epochs`` epochs; keep the epoch chosen by ``selection``."""
         _, cloner = self.build()
         optimizer = self.make_optimizer()
-        best = BestCheckpoint(cloner, self.patience)
-        for epoch in range(1, self.epochs + 1):
-            losses = [self.training_step(batch_images(b), optimizer) for b in train]
-            if not losses:
-                raise ValueError("MKD.fit: the training set is empty")
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-            if self.selection == "val_auroc" and val is not None and (
-                    epoch % self.eval_every == 0 or epoch == self.epochs):
-                record["val_image_auroc"] = valid_image_auroc(self, val)
-                best.check(record["val_image_auroc"], epoch)
-            self.history.append(record)
-            if best.stop:
-                break
-        selected = best.restore()
-        if selected is not None:
-            self.history.append({**selected, "val_image_auroc": best.value})
+        train_by_epochs(self, train, val, lambda x: self.training_step(x, optimizer),
+                        BestCheckpoint(cloner, self.patience), epochs=self.epochs, selection=self.selection,
+                        eval_every=self.eval_every)
         cloner.eval()
 
     # -- scoring --------------------------------------------------------------------------

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,9 +18,9 @@ from algorithms.simplenet.torch_model import (
     score_maps,
     truncated_l1,
 )
-from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
+from bmad.algorithm import Algorithm, Batch, Prediction
 from bmad.registry import register
-from bmad.training import BestCheckpoint
+from bmad.training import BestCheckpoint, train_by_epochs
 from bmad.weights import create_timm_backbone, resolve_weights, timm_spec
 
 LAYERS = {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}
@@ -173,22 +171,10 @@ class SimpleNet(Algorithm):
         """``meta_epochs`` x ``gan_epochs`` passes; keep the meta-epoch chosen by ``selection``."""
         _, adaptor, discriminator = self.build()
         optimizers = self.make_optimizers()
-        best = BestCheckpoint({"adaptor": adaptor, "discriminator": discriminator}, self.patience)
-        for epoch in range(1, self.meta_epochs + 1):
-            losses = [self.training_step(batch_images(b), optimizers) for _ in range(self.gan_epochs) for b in train]
-            if not losses:
-                raise ValueError("SimpleNet.fit: the training set is empty")
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-            if self.selection == "val_auroc" and val is not None and (
-                    epoch % self.eval_every == 0 or epoch == self.meta_epochs):
-                record["val_image_auroc"] = valid_image_auroc(self, val)
-                best.check(record["val_image_auroc"], epoch)
-            self.history.append(record)
-            if best.stop:
-                break
-        selected = best.restore()
-        if selected is not None:
-            self.history.append({**selected, "val_image_auroc": best.value})
+        train_by_epochs(self, train, val, lambda x: self.training_step(x, optimizers),
+                        BestCheckpoint({"adaptor": adaptor, "discriminator": discriminator}, self.patience),
+                        epochs=self.meta_epochs, selection=self.selection, eval_every=self.eval_every,
+                        passes=self.gan_epochs)
         adaptor.eval()
         discriminator.eval()
 

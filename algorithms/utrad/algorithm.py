@@ -6,17 +6,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from algorithms.inputs import as_hw, imagenet_normalize
 from algorithms.utrad.torch_model import FeatureTokens, UTransformer, anomaly_map, utrad_loss
-from bmad.algorithm import Algorithm, Batch, Prediction, batch_images, valid_image_auroc
+from bmad.algorithm import Algorithm, Batch, Prediction
 from bmad.registry import register
-from bmad.training import BestCheckpoint
+from bmad.training import BestCheckpoint, train_by_epochs
 from bmad.weights import create_timm_backbone, resolve_weights, timm_spec
 
 SELECTIONS = ("train_loss", "val_auroc", "last")
@@ -153,24 +151,9 @@ class Utrad(Algorithm):
         """Train for ``epochs`` epochs and keep the checkpoint chosen by ``selection``."""
         _, model = self.build()
         optimizer = self.make_optimizer()
-        best = BestCheckpoint(model, self.patience)
-        for epoch in range(1, self.epochs + 1):
-            losses = [self.training_step(batch_images(b), optimizer) for b in train]
-            if not losses:
-                raise ValueError("UTRAD.fit: the training set is empty")
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses))}
-            if self.selection == "train_loss":
-                best.check(-record["train_loss"], epoch)
-            elif self.selection == "val_auroc" and val is not None and (
-                    epoch % self.eval_every == 0 or epoch == self.epochs):
-                record["val_image_auroc"] = valid_image_auroc(self, val)
-                best.check(record["val_image_auroc"], epoch)
-            self.history.append(record)
-            if best.stop:
-                break
-        selected = best.restore()
-        if selected is not None:
-            self.history.append({**selected, "selection": self.selection})
+        train_by_epochs(self, train, val, lambda x: self.training_step(x, optimizer),
+                        BestCheckpoint(model, self.patience), epochs=self.epochs, selection=self.selection,
+                        eval_every=self.eval_every)
         model.eval()
 
     # -- scoring --------------------------------------------------------------------------
