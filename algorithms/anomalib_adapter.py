@@ -47,7 +47,7 @@ class AnomalibAlgorithm(Algorithm):
     - ``anomalib_class``: the class name in ``anomalib.models`` (e.g. "Patchcore").
     - :meth:`model_kwargs`: the hyper-parameters passed to that class.
     - ``trains_by_epochs``: False for memory-bank models (one pass over the training
-      set, then the module's ``fit()``); gradient-trained ones subclass
+      set, then :meth:`fit_memory_bank`, the module's ``fit()``); gradient-trained ones subclass
       :class:`AnomalibTrainedAlgorithm`.
     - ``imagenet_normalize``: False for models that take [0, 1] input (DRAEM).
     - ``needs_input_size``: True for classes that read their input size from the
@@ -181,8 +181,12 @@ class AnomalibAlgorithm(Algorithm):
                 n_images += images.shape[0]
             if n_images == 0:
                 raise ValueError(f"{type(self).__name__}.fit: the training set is empty")
-            lm.fit()
+            self.fit_memory_bank(lm)
         lm.eval()
+
+    def fit_memory_bank(self, lm: Any) -> None:
+        """After the embedding pass: the module's own ``fit()`` (PatchCore replaces its coreset loop)."""
+        lm.fit()
 
     def predict_map(self, images: torch.Tensor) -> Prediction:
         """Raw anomalib scores [B] and maps [B, H, W] at the input resolution."""

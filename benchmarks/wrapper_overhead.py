@@ -54,13 +54,13 @@ per test batch), is the bottom-up estimate of bmad's extra work, which is less
 exposed to the machine's load than the difference of two wall times. ``--profile``
 adds a cProfile of the bmad path (top functions by cumulative time) to the output.
 
-Memory: every process gets ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's default start
-value, made fixed) unless ``--glibc-default-malloc``. With glibc's dynamic threshold,
-anomalib's k-center-greedy coreset (one N x d temporary per selected point, a small
-index tensor kept per point) grew the resident set by up to ~20 MB per iteration on
-the 2-core test machine, sporadically: PatchCore at 10% of 25,600 patches reached
-23 GB and was OOM-killed. With the fixed threshold the same fit peaks at ~1.3 GB.
-The setting applies to every path alike. ``--mem-cap-gb`` (default 12) caps each
+Memory: processes run with glibc's default malloc settings, as a user's would.
+PatchCore's coreset differs between the paths on purpose: bmad selects the same
+points as anomalib's ``KCenterGreedy`` (bit for bit, tested) without its per-point
+N x d temporaries (``algorithms/patchcore/coreset.py``); the bare and Engine paths run
+anomalib's. ``--mmap-threshold N`` sets ``MALLOC_MMAP_THRESHOLD_=N`` in every process
+(``131072`` keeps anomalib's coreset from fragmenting the heap, at the cost of a page
+fault per page of every large temporary). ``--mem-cap-gb`` (default 12) caps each
 process's address space, so a runaway fails with an allocation error instead of the
 kernel's OOM killer choosing some other job.
 """
@@ -83,7 +83,6 @@ REPO = Path(__file__).resolve().parents[1]
 ALGOS = ("patchcore_r18", "padim_r18", "stfpm_r18", "patchcore", "padim", "stfpm")
 DEFAULT_ALGOS = ALGOS[:3]  # the wide-ResNet-50 configs take ~10x longer on a CPU
 PATHS = ("bmad", "bare", "engine", "engine_default")
-MMAP_THRESHOLD = 131072  # glibc's default start value, made fixed (see the module docstring)
 ANOMALIB_CLASS = {"patchcore": "Patchcore", "padim": "Padim", "stfpm": "Stfpm"}  # by family (name before "_")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -546,8 +545,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the bmad path (first repeat) and print it")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads in every process (default: torch's)")
     ap.add_argument("--mem-cap-gb", type=float, default=12.0, help="address-space limit per process (0: none)")
-    ap.add_argument("--glibc-default-malloc", action="store_true",
-                    help="do not set MALLOC_MMAP_THRESHOLD_ (PatchCore's coreset can then grow RSS by GBs)")
+    ap.add_argument("--mmap-threshold", type=int,
+                    help="set MALLOC_MMAP_THRESHOLD_ to this many bytes in every process (default: glibc's own)")
     ap.add_argument("--json", type=Path, help="write every run's raw result here")
     ap.add_argument("--worker", nargs=2, metavar=("PATH", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -566,11 +565,11 @@ def main() -> None:
               f"{torch.get_num_threads()} threads; bench {bench}: {args.n_train} train + {args.n_test} test "
               f"images, {args.size}x{args.size} px; batch {args.batch}; STFPM {args.epochs} epochs; "
               f"{args.repeats} fresh processes per case; torch threads per process: {args.threads or 'default'}; "
-              f"MALLOC_MMAP_THRESHOLD_={'unset' if args.glibc_default_malloc else MMAP_THRESHOLD}", flush=True)
+              f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or 'unset'}", flush=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
             filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
-        if not args.glibc_default_malloc:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+        if args.mmap_threshold:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
         results: Results = {}
         raw: list[dict[str, Any]] = []
         for rep in range(args.repeats):

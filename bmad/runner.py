@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import platform
 import random
 import subprocess
@@ -149,35 +148,10 @@ def failed_runs(results: Path, cause: str | None = None) -> tuple[list[RunSpec],
     return specs, notes
 
 
-MMAP_THRESHOLD = 131072  # glibc's initial M_MMAP_THRESHOLD (128 KiB), made fixed
-
-
-@cache
-def fix_malloc_threshold() -> bool:
-    """Fix glibc's mmap threshold at its start value (as ``MALLOC_MMAP_THRESHOLD_=131072``).
-
-    glibc raises the threshold each time a large block is freed, after which large
-    temporaries come from the heap and are not returned to the system: anomalib's
-    k-center-greedy coreset (one N x d temporary per selected point) then grew one
-    PatchCore fit to 13-23 GB of RSS instead of ~1.3 GB. True when set (Linux/glibc only).
-    """
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux" or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 class Sweep:
     """Runs a list of :class:`RunSpec`, skipping those with an ``ok`` record."""
 
     def __init__(self, opts: SweepOptions) -> None:
-        fix_malloc_threshold()
         self.opts = opts
         self._benches: dict[str, Bench] = {}
 

@@ -255,15 +255,6 @@ def test_input_size_constraints_are_applied_by_the_harness() -> None:
     assert input_size_for(sized, (512, 512)) == (104, 104)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt exists on Linux only")
-def test_sweeps_fix_glibc_mmap_threshold() -> None:
-    code = ("import os; from bmad.runner import fix_malloc_threshold; print(fix_malloc_threshold()); "
-            "os.environ['MALLOC_MMAP_THRESHOLD_'] = '1'; fix_malloc_threshold.cache_clear(); "
-            "print(fix_malloc_threshold())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
-    assert out.stdout.split() == ["True", "False"], out.stderr  # set by bmad; left alone when the user set it
-
-
 def test_stale_temp_cleanup_leaves_other_seeds_writes_alone(tmp_path: Path) -> None:
     from bmad.records import clean_stale_temps
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from algorithms.anomalib_adapter import AnomalibAlgorithm
+from algorithms.patchcore.coreset import coreset
 from bmad.registry import register
 
 
@@ -34,6 +37,16 @@ class PatchCore(AnomalibAlgorithm):
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.num_neighbors = num_neighbors
         super().__init__(input_size=input_size, pretrained=pretrained, weights=weights)
+
+    def fit_memory_bank(self, lm: Any) -> None:
+        """anomalib's ``fit()`` (stack the embeddings, k-center-greedy coreset) with the same selection
+        done in place (:func:`algorithms.patchcore.coreset.coreset`): same indices, no per-point temporaries."""
+        model = lm.model
+        if not model.embedding_store:
+            raise ValueError("PatchCore.fit: no embeddings were collected")
+        embedding = torch.vstack(model.embedding_store)
+        model.embedding_store.clear()
+        model.memory_bank = coreset(embedding, self.coreset_sampling_ratio)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Hyper-parameters of ``anomalib.models.Patchcore``."""
