@@ -29,6 +29,8 @@ class BenchSpec:
     eval_size: tuple[int, int] | None = None
     reorganizer: str | None = None
     description: str = ""
+    suite: str = "bmad"
+    """``bmad``: one of BMAD's six benches; ``clip``: a bench of the CLIP papers (PPAD, MediCLIP)."""
 
 
 BENCHES: dict[str, BenchSpec] = {
@@ -43,6 +45,16 @@ BENCHES: dict[str, BenchSpec] = {
         BenchSpec("rsna", "Chest", "chest X-ray", False, 1, None, "rsna", "RSNA Pneumonia (DICOM)"),
         BenchSpec("camelyon16", "Histopathology", "histopathology", False, 3, None, "camelyon16",
                   "Camelyon16 256x256 level-0 patches"),
+        BenchSpec("zhanglab", "ZhangLab", "chest X-ray", False, 1, None, "zhanglab",
+                  "Kermany pediatric chest X-rays, SQUID/PPAD protocol", "clip"),
+        BenchSpec("chexpert", "CheXpert", "chest X-ray", False, 1, None, "chexpert",
+                  "CheXpert frontal PA, SQUID/PPAD/MediCLIP protocol", "clip"),
+        BenchSpec("brainmri", "BrainMRI", "brain MRI", False, 1, None, "brainmri",
+                  "Kaggle Brain MRI tumour yes/no slices, MediCLIP protocol", "clip"),
+        BenchSpec("vindr", "VinDr", "chest X-ray", False, 1, None, "vindr",
+                  "VinDr-CXR (VinBigData train DICOMs), DDAD's split as PPAD used it", "clip"),
+        BenchSpec("busi", "BUSI", "breast ultrasound", True, 1, None, "busi",
+                  "BUSI breast ultrasound with lesion masks, MediCLIP protocol", "clip"),
         BenchSpec("demo", "demo/Brain", "synthetic brain MRI", True, 1, None, "brats2021",
                   "small synthetic BraTS-like set, generated on first use"),
     ]
@@ -77,16 +89,21 @@ def default_data_root() -> Path:
     return Path(os.environ.get("BMAD_DATA", "data"))
 
 
+SUITES = {"all": "bmad", "clip": "clip"}
+"""Group names ``--bench`` accepts, and the suite each selects."""
+
+
 def parse_bench_list(text: str) -> list[str]:
-    """``a,b`` or ``all`` (the six BMAD benches) -> list of bench keys, validated; a
+    """``a,b``, ``all`` (BMAD's six benches) or ``clip`` (the five of the CLIP papers) -> list of
+    bench keys, validated; a
     ``folder:PATH`` key gets an absolute path (records keep it, for retries from anywhere)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise UsageError("--bench is empty", hint="give a bench name, a comma list, or `all`")
+        raise UsageError("--bench is empty", hint="give a bench name, a comma list, `all` or `clip`")
     out: list[str] = []
     for item in items:
-        if item == "all":
-            out += [k for k in BENCHES if k != "demo"]
+        if item in SUITES:
+            out += [k for k, spec in BENCHES.items() if spec.suite == SUITES[item] and k != "demo"]
         elif item.startswith("folder:"):
             out.append("folder:" + str(Path(item[len("folder:"):]).expanduser().absolute()))
         elif item in BENCHES:
@@ -98,7 +115,7 @@ def parse_bench_list(text: str) -> list[str]:
             raise UsageError(
                 f"unknown bench {item!r}",
                 hint=(f"did you mean {', '.join(close)}? " if close else "")
-                + f"known benches: {', '.join(BENCHES)}, or folder:PATH for any folder in BMAD's layout",
+                + f"known benches: {', '.join(BENCHES)}; `all` (BMAD's six), `clip` (the CLIP papers' five); or folder:PATH for any folder in BMAD's layout",
             )
     return list(dict.fromkeys(out))
 

@@ -4,7 +4,9 @@ The published numbers live in ``bmad/data/reference_results.json`` (one entry pe
 table, bench, method and metric, in percent as printed). A leaderboard row is matched on
 (bench, algorithm): a named config such as ``patchcore_r18`` is compared with its base
 algorithm (``patchcore``), and every way our run's configuration or protocol differs from
-the paper's is listed under the table.
+the paper's is listed under the table. Few-shot entries carry their ``shots``: a row is
+compared with the entry of its own shots (else the nearest); a zero-shot entry (``shots`` 0)
+used no training image, so the training set is not compared.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import inspect
 import json
+import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -208,7 +211,7 @@ def differences(row: Row, bench: str, ref: Reference, info: AlgoInfo) -> list[st
     out += [f"{k} not recorded (paper: {_show(v)})" for k, v in (ref.config or {}).items() if k not in row.config]
     if info.defaults is None:
         out.append(f"{row.algo} is not registered here, so its configuration was not checked")
-    if row.shots != ref.shots:
+    if ref.shots != 0 and row.shots != ref.shots:  # a zero-shot method's number does not depend on it
         ours = f"{row.shots}-shot" if row.shots else "the full training set"
         theirs = f"{ref.shots}-shot" if ref.shots else "the full training set"
         out.append(f"trained on {ours} (paper: {theirs})")
@@ -226,17 +229,42 @@ class Match:
     differences: list[str]
 
 
+# The full training set, counted as a number of shots larger than any bench's training set.
+FULL_SET_SHOTS = 2**20
+
+
+def shots_gap(ours: int | None, theirs: int | None) -> float:
+    """How far apart two training-set sizes are, on a log scale (4 is nearer 8 than 32; the full
+    set, ``None``, is nearest the largest K)."""
+    a, b = (FULL_SET_SHOTS if s is None else s for s in (ours, theirs))
+    return abs(math.log2(1 + a) - math.log2(1 + b))
+
+
 def best_match(row: Row, bench: str, metric: str, source: str, refs: list[Reference]) -> Match | None:
     """The entry of ``source`` for (bench, base algorithm of ``row``, metric) whose configuration
-    is closest to the row's (fewest differences; the paper's default configuration on a tie)."""
+    is closest to the row's (fewest differences; on a tie the paper's default configuration, then
+    the nearest number of shots)."""
     info = algo_info(row.algo)
     found = []
     for ref in refs:
         if ref.source == source and ref.bench == bench and ref.metric == metric and ref.comparable \
                 and ref.algo == info.base:
             diff = differences(row, bench, ref, info)
-            found.append((len(diff), ref.variant is not None, Match(ref, diff)))
-    return min(found, key=lambda f: f[:2])[2] if found else None
+            found.append((len(diff), ref.variant is not None, shots_gap(row.shots, ref.shots), Match(ref, diff)))
+    return min(found, key=lambda f: f[:3])[3] if found else None
+
+
+def shots_text(shots: int | None) -> str:
+    """``16-shot``, ``zero-shot``, or nothing for the full training set."""
+    return "" if shots is None else "zero-shot" if shots == 0 else f"{shots}-shot"
+
+
+def _with_shots(method: str, shots: list[int | None]) -> str:
+    """A method and the training sets of its entries: ``AnoDDPM (4/8/16/32-shot)``; only the full set: the name."""
+    ks = sorted({s for s in shots if s})
+    parts = (["full"] if None in shots and len(set(shots)) > 1 else []) + (["zero-shot"] if 0 in shots else []) \
+        + ([f"{'/'.join(map(str, ks))}-shot"] if ks else [])
+    return f"{method} ({', '.join(parts)})" if parts else method
 
 
 def add_comparison(tables: list[Table], refs: References, sources: list[str], missing: bool = False) -> list[str]:
@@ -257,19 +285,25 @@ def add_comparison(tables: list[Table], refs: References, sources: list[str], mi
                     match = best_match(row, t.bench, m, s, on_bench)
                     if match is not None:
                         found[(s, i, m)] = (match.ref, match.differences)
-        matched = {(ref.source, ref.method) for ref, _ in found.values()}
-        unmatched = [r for r in on_bench if (r.source, r.method) not in matched and r.metric in t.metrics]
+        # a paper's printed row: one method (or variant) at one number of shots
+        matched = {(ref.source, ref.method, ref.shots) for ref, _ in found.values()}
+        unmatched = [r for r in on_bench if (r.source, r.method, r.shots) not in matched and r.metric in t.metrics]
         if missing:
-            rows: dict[tuple[str, str], int] = {}
+            rows: dict[tuple[str, str, int | None], int] = {}
             for ref in unmatched:
-                if (ref.source, ref.method) not in rows:
-                    rows[(ref.source, ref.method)] = len(t.rows)
-                    label = f"{ref.method} (paper only{'' if len(sources) == 1 else ', ' + ref.source})"
-                    t.rows.append(Row(label, 0, 0, {m: Cell([]) for m in t.metrics}, 0, algo=ref.algo or "",
-                                      paper_only=True))
-                found[(ref.source, rows[(ref.source, ref.method)], ref.metric)] = (ref, [])
+                key = (ref.source, ref.method, ref.shots)
+                if key not in rows:
+                    rows[key] = len(t.rows)
+                    tags = ["paper only"] + ([ref.source] if len(sources) > 1 else []) + \
+                        ([shots_text(ref.shots)] if ref.shots is not None else [])
+                    t.rows.append(Row(f"{ref.method} ({', '.join(tags)})", 0, 0, {m: Cell([]) for m in t.metrics}, 0,
+                                      algo=ref.algo or "", shots=ref.shots, paper_only=True))
+                found[(ref.source, rows[key], ref.metric)] = (ref, [])
         elif unmatched:
-            names = sorted({r.method for r in unmatched})
+            by_method: dict[str, list[int | None]] = {}
+            for r in unmatched:
+                by_method.setdefault(r.method, []).append(r.shots)
+            names = [_with_shots(m, by_method[m]) for m in sorted(by_method)]
             t.notes.append(f"published on {t.bench} but not run here: {', '.join(names)} "
                            "(--compare-missing shows their numbers)")
         config_notes: dict[str, None] = {}

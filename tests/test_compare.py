@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import inspect
 import io
+import itertools
 import json
 import re
 from collections import defaultdict
@@ -23,6 +24,7 @@ from bmad.compare import (
     load_references,
     parse_sources,
     same_value,
+    shots_gap,
 )
 from bmad.errors import DataError, UsageError
 from bmad.leaderboard import add_efficiency, build_tables, render
@@ -70,7 +72,7 @@ def test_reference_file_integrity() -> None:
     from bmad import registry
 
     algos = set(registry.algorithms.names())
-    assert REFS.entries and set(REFS.sources) == {"bmad-paper", "lerec-thesis", "clap"}
+    assert REFS.entries and set(REFS.sources) == {"bmad-paper", "lerec-thesis", "clap", "ppad", "mediclip"}
     seen = set()
     for e in REFS.entries:
         assert e.bench in BENCHES, e
@@ -81,21 +83,29 @@ def test_reference_file_integrity() -> None:
             assert e.algo in algos, e
             params = inspect.signature(registry.algorithms.get(e.algo).cls.__init__).parameters
             assert set(e.config or {}) <= set(params), e  # a variant's config names real parameters
-        key = (e.source, e.table, e.bench, e.method, e.metric)
+        key = (e.source, e.table, e.bench, e.method, e.metric, e.shots)
         assert key not in seen, f"duplicate entry {key}"
         seen.add(key)
     # the fifteen baselines of BMAD on the six benches
     fifteen = {e.algo for e in REFS.entries if e.source == "bmad-paper"}
     assert len(fifteen) == 15 and {e.bench for e in REFS.entries if e.source == "bmad-paper"} == \
         {"brats2021", "liver", "resc", "oct2017", "rsna", "camelyon16"}
+    # the CLIP papers' own benches and training sets (issue 9)
+    ppad = [e for e in REFS.entries if e.source == "ppad"]
+    assert {e.bench for e in ppad} == {"zhanglab", "chexpert"} and {e.shots for e in ppad} == {None, 0, 64}
+    mediclip = [e for e in REFS.entries if e.source == "mediclip"]
+    assert {e.bench for e in mediclip} == {"chexpert", "brainmri", "busi"}
+    assert {e.shots for e in mediclip} == {4, 8, 16, 32}
 
 
 def test_identical_numbers_are_flagged() -> None:
-    """Where a printed (mean, std) pair repeats, at most one occurrence is left unflagged:
-    the others are the copy errors of the tables (e.g. Table 3.9's MKD and RD4AD rows)."""
+    """Where a (mean, std) pair printed to two decimals repeats, at most one occurrence is left
+    unflagged: the others are the copy errors of the thesis' tables (e.g. Table 3.9's MKD and RD4AD
+    rows). PPAD and MediCLIP print one decimal, where equal pairs occur by chance: their tables
+    are checked for copied lines instead (test_*_numbers_match_the_source_text)."""
     groups = defaultdict(list)
     for e in REFS.entries:
-        if e.std is not None:
+        if e.std is not None and e.source in ("bmad-paper", "lerec-thesis"):
             groups[(e.value, e.std)].append(e)
     repeated = {k: v for k, v in groups.items() if len(v) > 1}
     assert (87.77, 0.87) in repeated
@@ -179,6 +189,145 @@ def test_clap_numbers_match_the_source_text() -> None:
     assert rows["EAR"][6] == 78.21 and abs(np.mean(rows["EAR"][:6]) - 78.14) < 0.005
     for method in ("PLP", "CLAP (ours)"):  # the other two rows' Averages agree (to the printed rounding)
         assert abs(np.mean(rows[method][:6]) - rows[method][6]) <= 0.006
+
+
+def _cell(text: str) -> tuple[float, float | None] | None:
+    r"""A printed cell -> (mean, std); None for an empty or '-' cell. The PDF text writes ± as
+    ``\pm``, ``{\pm}``, ``\!\pm\!`` or, in a few cells, ``+``."""
+    text = re.sub(r"\\!|[${}\s]", "", text)
+    if not text or "overline" in text:
+        return None
+    mean, *std = re.split(r"\\pm|\+|±", text)
+    return float(mean), float(std[0]) if std else None
+
+
+def _copied_lines(lines: dict[Any, dict[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Pairs of printed lines (a row, or a column read as a line) that agree in two or more places."""
+    return [(a, b) for a, b in itertools.combinations(lines, 2)
+            if sum(v is not None and lines[b].get(k) == v for k, v in lines[a].items()) > 1]
+
+
+PPAD_BENCHES = {"ZhangLab": "zhanglab", "CheX$ pert": "chexpert"}
+
+
+def _ppad_table1(text: str) -> tuple[dict[tuple[str, str, str], tuple[float, float | None]], dict[str, bool]]:
+    """PPAD's Table 1: (method, bench, ACC|AUC|F1) -> (mean, std), and method -> marked * (reproduced
+    by PPAD's authors). Names lose their citation and the *; the text's "X plainer" is Xplainer."""
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("Method\tZhangLab"))
+    benches = [PPAD_BENCHES[b] for b in re.findall("|".join(map(re.escape, PPAD_BENCHES)), lines[i])]
+    metrics = re.findall(r"ACC|AUC|F1", lines[i + 1])
+    assert benches == ["zhanglab", "chexpert"] and metrics == ["ACC", "AUC", "F1"] * 2, lines[i:i + 2]
+    cells, reproduced = {}, {}
+    for line in lines[i + 2:]:
+        if not line.strip():
+            break
+        raw, *values = line.split("\t")
+        name = " ".join(re.sub(r"<sup>\*</sup>|\^\{\*\}|\*|\$|\[\d+\]", "", raw).split()).replace("X plainer",
+                                                                                                  "Xplainer")
+        reproduced[name] = "*" in raw
+        for j, v in enumerate(values):
+            if (cell := _cell(v)) is not None:
+                cells[(name, benches[j // 3], metrics[j])] = cell
+    return cells, reproduced
+
+
+def test_ppad_numbers_match_the_source_text() -> None:
+    _shared_or_skip()
+    text = (PAPERS / "ppad_miccai2024.md").read_text(encoding="utf-8")
+    cells, reproduced = _ppad_table1(text)
+    assert len(reproduced) == 12 and len(cells) == 12 * 6 - 6  # SALAD and IF 2D have no CheXpert numbers
+    ppad = [e for e in REFS.entries if e.source == "ppad"]
+    assert {(e.method, e.bench): (e.value, e.std) for e in ppad} == \
+        {(m, b): v for (m, b, metric), v in cells.items() if metric == "AUC"}
+    assert {e.table for e in ppad} == {"1"} and {e.metric for e in ppad} == {"image_auroc"}
+    # the training sets follow the paper's marks: top group full-set, * with a std 64-shot, * without one zero-shot
+    for e in ppad:
+        expected = (0 if e.std is None else 64) if reproduced[e.method] or e.method == "PPAD (Ours)" else None
+        assert e.shots == expected, e
+    # the table is read right: the prose's differences (PPAD minus another method, ACC / AUC / F1) agree
+    prose = re.sub(r"\s+([,.])", r"\1", " ".join(re.sub(r"[$\\]", "", text).split()))
+    claims = {("zhanglab", "SQUID"): "by 9.1%, 9.1%, 7.1% in ACC, AUC, and F1",
+              ("zhanglab", "CheXzero"): "achieves 6.4%, 4.0%, 4.3% and",
+              ("zhanglab", "Xplainer"): "and 11.2%, 6.8%, 6.8% in ACC, AUC, and F1 improvement",
+              ("zhanglab", "CoOp"): "improvements of 4.8%, 2.1%, 3.2% and",
+              ("zhanglab", "MaPLe"): "and of 3.3%, 1.6%, 2.3% in ACC",
+              ("chexpert", "SQUID"): "surpass SQUID by 10.8%, 10.4%, and 6.1% in ACC, AUC, F1",
+              ("chexpert", "CheXzero"): "outperform CheXzero by 5.3%, 0.8%, and 2.3%"}
+    for (bench, other), claim in claims.items():
+        assert claim in prose, claim
+        said = [float(x) for x in re.findall(r"(\d+\.\d)%", claim)]
+        diffs = [cells[("PPAD (Ours)", bench, m)][0] - cells[(other, bench, m)][0] for m in ("ACC", "AUC", "F1")]
+        assert diffs == pytest.approx(said, abs=0.051), (bench, other)
+    # no printed line is a copy of another (one-decimal numbers repeat by chance, whole lines do not)
+    rows: dict[Any, dict[Any, Any]] = defaultdict(dict)
+    for (m, b, metric), v in cells.items():
+        rows[m][(b, metric)] = v
+    assert _copied_lines(rows) == []
+
+
+def _md_tables(text: str) -> dict[str, list[list[str]]]:
+    """Every pipe table after a "Table N." caption: number -> its lines of cells (header first)."""
+    lines, tables, caption = text.splitlines(), {}, None
+    for k, line in enumerate(lines):
+        if m := re.match(r"\**Table (\d+)\.", line):
+            caption = m.group(1)
+        elif line.startswith("|") and caption and not lines[k - 1].startswith("|"):
+            rows = []
+            for row in lines[k:]:
+                if not row.startswith("|"):
+                    break
+                if not set(row) <= set("|-: "):
+                    rows.append([c.strip() for c in row.strip().strip("|").split("|")])
+            tables[caption], caption = rows, None
+    return tables
+
+
+MEDICLIP_BENCHES = {"CheXpert": "chexpert", "BrainMRI": "brainmri", "BUSI": "busi"}
+
+
+def test_mediclip_numbers_match_the_source_text() -> None:
+    _shared_or_skip()
+    tables = _md_tables((PAPERS / "mediclip_miccai2024.md").read_text(encoding="utf-8"))
+    parsed: dict[tuple[str, str, str, int], tuple[float, float | None]] = {}
+    for number in ("1", "2"):
+        head, *rows = tables[number]
+        bench = "busi"  # Table 2 is on BUSI only
+        lines: dict[Any, dict[Any, Any]] = {}
+        for row in rows:
+            cells = dict(zip(head, row))
+            bench = MEDICLIP_BENCHES[cells["Datasets"]] if cells.get("Datasets") else bench
+            k = int(cells["k"])
+            lines[(bench, k)] = {m: _cell(v) for m, v in cells.items() if m not in ("Datasets", "k")}
+            for m, v in lines[(bench, k)].items():
+                parsed[(number, bench, m, k)] = v
+        assert _copied_lines(lines) == [], number  # rows ...
+        columns: dict[Any, dict[Any, Any]] = defaultdict(dict)
+        for line, values in lines.items():
+            for m, v in values.items():
+                columns[m][line] = v
+        assert _copied_lines(columns) == [], number  # ... and columns
+    assert len(parsed) == 3 * 4 * 8 + 4 * 7
+    mediclip = [e for e in REFS.entries if e.source == "mediclip"]
+    assert {(e.table, e.bench, e.method, e.shots): (e.value, e.std) for e in mediclip} == parsed
+    assert all(e.metric == ("image_auroc" if e.table == "1" else "pixel_auroc") for e in mediclip)
+    # the flagged inconsistency is real: Tables 3-5 give MediCLIP's 16-shot results, which agree with
+    # Table 1 on CheXpert and BrainMRI but not on BUSI
+    train, diagonal = "", {}
+    for trained_on, tested_on, value in tables["3"][1:]:  # zero-shot transfer; train == test is the usual setting
+        train = trained_on or train
+        if train == tested_on:
+            diagonal[MEDICLIP_BENCHES[train]] = _cell(value)
+    k16 = {"3": diagonal,
+           "4": {MEDICLIP_BENCHES[b]: _cell(v) for b, v in zip(tables["4"][0][3:], tables["4"][-1][3:])},
+           "5": {MEDICLIP_BENCHES[b]: _cell(v) for b, v in zip(tables["5"][0][2:], tables["5"][-1][2:])}}
+    assert tables["4"][-1][1:3] == ["✓", "✓"] and tables["5"][-1][1] == "All Synthesis Tasks"
+    for number, values in k16.items():
+        assert values["chexpert"] == parsed[("1", "chexpert", "MediCLIP", 16)], number
+        assert values["brainmri"] == parsed[("1", "brainmri", "MediCLIP", 16)], number
+        assert values["busi"] == (90.8, 0.4) != parsed[("1", "busi", "MediCLIP", 16)] == (89.9, 0.4), number
+    assert parsed[("2", "busi", "MediCLIP", 16)] == (89.9, 0.9)
+    assert [(e.table, e.bench, e.method, e.shots) for e in mediclip if e.flag] == [("1", "busi", "MediCLIP", 16)]
 
 
 def test_bad_reference_files_are_rejected_with_the_entry(tmp_path: Path) -> None:
@@ -289,6 +438,70 @@ def test_no_reference_for_the_bench(tmp_path: Path) -> None:
     assert t.notes == ["no published numbers for bench 'demo' in bmad-paper"] and not t.columns
 
 
+def test_shots_gap() -> None:
+    assert shots_gap(16, 16) == 0 and shots_gap(10, 8) < shots_gap(10, 16) < shots_gap(10, 32)
+    assert shots_gap(None, 32) < shots_gap(None, 4) and shots_gap(None, None) == 0
+
+
+def test_few_shot_entries_are_matched_on_their_shots(tmp_path: Path) -> None:
+    """MediCLIP's Table 1 has one entry per k: a row is compared with its own k, else the nearest."""
+    recs = [_rec("mediclip", s, bench="brainmri", shots=16, image_auroc=0.90 + 0.01 * s) for s in range(2)]
+    recs += [_rec("mediclip", s, bench="brainmri", shots=10, chash="h10", image_auroc=0.9) for s in range(2)]
+    recs += [_rec("patchcore", s, bench="brainmri", image_auroc=0.8) for s in range(2)]
+    (t,) = _tables(recs, tmp_path)
+    add_comparison([t], REFS, ["mediclip"])
+    rows = _rows(t)
+    k16, k10, full = rows["mediclip (16-shot)"], rows["mediclip (10-shot)"], rows["patchcore"]
+    assert _col(t, "published", "image_auroc").text == {k16: "94.80 ± 0.50", k10: "94.90 ± 0.40", full: "81.70 ± 0.20"}
+    assert _col(t, "Δ", "image_auroc").text[k16] == f"{90.5 - 94.8:+.2f}"
+    assert t.label_marks == {k10: " ‡", full: " ‡"}  # the 16-shot run is the paper's setting
+    notes = "\n".join(t.notes)
+    assert "different configuration: trained on 10-shot (paper: 8-shot)" in notes
+    assert "compared with mediclip's PatchCore (patchcore); different configuration: trained on the full " \
+           "training set (paper: 32-shot)" in notes
+    assert "not run here: AnoDDPM (4/8/16/32-shot), CutPaste (4/8/16/32-shot), MediCLIP (4/32-shot), " \
+           "PatchCore (4/8/16-shot)" in notes
+    # with --compare-missing, one paper-only row per method and k
+    (t,) = _tables(recs, tmp_path / "missing")
+    add_comparison([t], REFS, ["mediclip"], missing=True)
+    rows = _rows(t)
+    assert _col(t, "published", "image_auroc").text[rows["SQUID (paper only, 4-shot)"]] == "69.50 ± 4.40"
+    assert _col(t, "published", "image_auroc").text[rows["MediCLIP (paper only, 32-shot)"]] == "95.40 ± 0.40"
+    assert "MediCLIP (paper only, 16-shot)" not in rows and len([r for r in t.rows if r.paper_only]) == 8 * 4 - 3
+
+
+def test_flagged_few_shot_number_on_a_pixel_bench(tmp_path: Path) -> None:
+    recs = [_rec("mediclip", s, bench="busi", shots=16, image_auroc=0.9, pixel_auroc=0.88) for s in range(2)]
+    (t,) = _tables(recs, tmp_path)
+    add_comparison([t], REFS, ["mediclip"])
+    assert _col(t, "published", "image_auroc").text == {0: "89.90 ± 0.40*"}  # Table 1, flagged
+    assert _col(t, "published", "pixel_auroc").text == {0: "89.90 ± 0.90"}  # Table 2
+    assert _col(t, "published", "pixel_auroc").csv["mediclip:table"] == {0: "2"}
+    assert any(n.startswith("* mediclip Table 1, MediCLIP (I-AUROC): Tables 3, 4 and 5 give") for n in t.notes)
+
+
+def test_ppad_variant_and_zero_shot_entries(tmp_path: Path) -> None:
+    """PPAD's CoOp is our ``coop`` (a named config of ppad); CheXzero is zero-shot, so the
+    training set of our chexzero_zeroshot run is not a difference."""
+    recs = [_rec("coop", s, bench="zhanglab", shots=64, config={"views": [""], "image_prompt": False},
+                 image_auroc=0.9) for s in range(2)]
+    recs += [_rec("ppad", s, bench="zhanglab", shots=64, image_auroc=0.95) for s in range(2)]
+    recs += [_rec("chexzero_zeroshot", s, bench="zhanglab", image_auroc=0.93) for s in range(2)]
+    (t,) = _tables(recs, tmp_path)
+    add_comparison([t], REFS, ["ppad", "mediclip"], missing=True)
+    rows = _rows(t)
+    pub = _col(t, "ppad", "image_auroc").text
+    assert (pub[rows["coop (64-shot)"]], pub[rows["ppad (64-shot)"]], pub[rows["chexzero_zeroshot"]]) == \
+        ("94.60 ± 1.10", "96.70 ± 0.40", "92.70")
+    assert not t.label_marks
+    assert "coop (64-shot): compared with ppad's CoOp, the paper's variant 'CoOp' (views=[\"\"], " \
+           "image_prompt=false)" in t.notes
+    assert pub[rows["Xplainer (paper only, ppad, zero-shot)"]] == "89.90"
+    assert pub[rows["SQUID (paper only, ppad)"]] == "87.60 ± 1.50"  # SQUID's own full-set number
+    assert "MaPLe (paper only, ppad, 64-shot)" in rows and "CoOp (paper only, ppad, 64-shot)" not in rows
+    assert not [c for c in t.columns if c.title == "mediclip"]  # MediCLIP has no ZhangLab numbers
+
+
 @pytest.fixture
 def compared(tmp_path: Path):
     recs = [_rec("patchcore_r18", s, config={"backbone": "resnet18"}, image_auroc=0.8 + 0.02 * s) for s in range(2)]
@@ -375,3 +588,15 @@ def test_cli_compare_and_efficiency(tmp_path: Path) -> None:
     bad.write_text('{"schema": 1, "sources": {}, "entries": [{"source": "x"}]}')
     out = run_bmad("leaderboard", "--results", str(res), "--compare", "all", "--references", str(bad))
     assert out.returncode == 2 and "entry 0" in out.stderr
+
+
+def test_cli_compare_mediclip_on_brainmri(tmp_path: Path) -> None:
+    res = _write(tmp_path / "res", [_rec("mediclip", s, bench="brainmri", shots=16, image_auroc=0.92 + 0.02 * s)
+                                    for s in range(2)])
+    out = run_bmad("leaderboard", "--results", str(res), "--compare", "mediclip", "--compare-missing")
+    assert out.returncode == 0, out.stderr
+    assert "| algorithm | n | I-AUROC | published | Δ |" in out.stdout
+    assert "| mediclip (16-shot) | 2/2 | **93.00 ± 1.41** | 94.80 ± 0.50 | -1.80 |" in out.stdout
+    assert "| RegAD (paper only, 32-shot) | – | – | 83.00 ± 2.40 | – |" in out.stdout
+    assert "- mediclip: X. Zhang, M. Xu, D. Qiu, R. Yan, N. Lang, X. Zhou, MediCLIP: Adapting CLIP" in out.stdout
+    assert "‡" not in out.stdout.split("### brainmri")[1].split("Values:")[0]  # the paper's own setting

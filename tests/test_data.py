@@ -136,6 +136,8 @@ def test_bad_inputs_name_the_file(bench_dir: Path, tmp_path: Path) -> None:
 
 def test_bench_names_and_missing_folders(tmp_path: Path) -> None:
     assert parse_bench_list("all") == ["brats2021", "liver", "resc", "oct2017", "rsna", "camelyon16"]
+    assert parse_bench_list("clip") == ["zhanglab", "chexpert", "brainmri", "vindr", "busi"]
+    assert parse_bench_list("clip,brainmri,all")[:5] == parse_bench_list("clip")
     with pytest.raises(UsageError, match="(?s)unknown bench 'brats'.*did you mean brats2021"):
         parse_bench_list("brats")
     with pytest.raises(DataError, match="bmad prepare brats2021"):

@@ -22,6 +22,7 @@ from algorithms.clip import TINY_CLIP
 from algorithms.winclip import CLASS_NAMES, WinClip, class_name_for
 from algorithms.winclip.algorithm import bench_relative
 from bmad import registry
+from bmad.benches import BENCHES
 from tests.conftest import make_bench, run_record
 
 TINY = dict(clip_model=TINY_CLIP, image_size=224, pretrained=False)
@@ -60,7 +61,10 @@ def test_defaults_and_class_names():
     assert cfg["k_shot"] == 0 and cfg["scales"] == (2, 3) and cfg["temperature"] == 0.07
     assert cfg["class_name"] == "auto" and algo.pixel_level and algo.clip is None
     expected = {"Brain": "Brain", "Liver": "Liver", "Retina_RESC": "retinal OCT", "Retina_OCT2017": "retinal OCT",
-                "Chest": "Chest X-ray film", "Histopathology": "histopathological image"}
+                "Chest": "Chest X-ray film", "Histopathology": "histopathological image",
+                "ZhangLab": "Chest X-ray film", "CheXpert": "Chest X-ray film", "VinDr": "Chest X-ray film",
+                "BrainMRI": "Brain", "BUSI": "breast ultrasound"}
+    assert {b.folder for b in BENCHES.values()} - {"demo/Brain"} == set(expected)  # every bench has its word
     for folder, word in expected.items():
         assert class_name_for(f"/d/{folder}/train/good/img/a.png") == word
         assert class_name_for(f"/d/{folder}/test/Ungood/a.png") == word

@@ -17,9 +17,15 @@ CLASS_NAMES: dict[str, str] = {
     "rsna": "Chest X-ray film",
     "histopathology": "histopathological image",
     "camelyon16": "histopathological image",
+    "zhanglab": "Chest X-ray film",
+    "chexpert": "Chest X-ray film",
+    "vindr": "Chest X-ray film",
+    "brainmri": "Brain",
+    "busi": "breast ultrasound",
 }
-"""Prompt word per bench (BMAD's folder names and bench keys, lower case), as WinCLIP's and MVFA's
-medical prompts name them."""
+"""Prompt word per bench (BMAD's folder names and bench keys, lower case; the CLIP papers' benches'
+folder names are their keys), as WinCLIP's and MVFA's medical prompts name them ("breast
+ultrasound": our word, neither names BUSI)."""
 
 FALLBACK_CLASS = "object"
 """The word for benches not in :data:`CLASS_NAMES` (anomalib's own fallback)."""
