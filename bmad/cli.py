@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run algorithms on benches over seeds (resumable)")
     p.add_argument("--algo", help="algorithm names, comma list, or all")
-    p.add_argument("--bench", help="bench names, comma list, all, or folder:PATH")
+    p.add_argument("--bench",
+                   help="bench names, comma list, all (BMAD's six), clip (the CLIP papers' five), or folder:PATH")
     p.add_argument("--train-bench", default=None, metavar="BENCHES",
                    help="cross-bench transfer: train on each of these benches' normal data, test on each --bench")
     p.add_argument("--shots", type=int, default=None, help="few-shot: K normal training images per seed")
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write to this file (atomically) instead of stdout")
     p.add_argument("--compare", default=None, metavar="SOURCE",
                    help="published numbers beside ours, with the difference: a source of the reference file "
-                        "(bmad-paper, lerec-thesis, clap), a comma list, or all")
+                        "(bmad-paper, lerec-thesis, clap, ppad, mediclip), a comma list, or all")
     p.add_argument("--compare-missing", action="store_true",
                    help="with --compare: also rows for the methods a paper has on a bench and we have not run")
     p.add_argument("--references", type=Path, default=None, metavar="FILE",
@@ -160,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     except BmadError as exc:
         print(f"bmad: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        from bmad.fsutil import DISK_FULL, disk_full_error
+
+        if exc.errno not in DISK_FULL:
+            raise
+        err = disk_full_error(exc.filename or "a file", exc)  # a write outside bmad.fsutil (a journal, a figure)
+        print(f"bmad: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("bmad: interrupted", file=sys.stderr)
         return 130
@@ -284,7 +293,10 @@ def _transfer(args: argparse.Namespace, metrics: list[str] | None) -> int:
     from bmad.records import load_records
     from bmad.transfer import transfer_tables
 
-    records = load_records(args.results).records
+    loaded = load_records(args.results)
+    for path, why in loaded.skipped:
+        print(f"bmad: skipped {path}: {why}", file=sys.stderr)
+    records = loaded.records
     if args.bench:
         benches = {b.strip() for b in args.bench.split(",")}
         records = [r for r in records if r["bench"] in benches or r.get("train_bench") in benches]

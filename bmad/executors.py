@@ -14,6 +14,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -64,7 +65,12 @@ MAX_STARTUP_DEATHS = 3  # a slot whose fresh workers die this often in a row bef
 
 
 def _worker(slot: int, device: str, opts: SweepOptions, tasks: Any, events: Any, threads: int) -> None:
-    """Run the specs sent on ``tasks`` (None: stop); report (slot, index, outcome) on ``events``."""
+    """Run the specs sent on ``tasks`` (None: stop); report (slot, index, outcome) on ``events``.
+    Exits when its parent dies (a SIGKILLed sweep), not to block on ``tasks`` forever holding its
+    memory and, on a GPU, its CUDA context."""
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
     torch.set_num_threads(threads)
     sweep = Sweep(replace(opts, device=device, progress=False, verbose=False))
     while (task := tasks.get()) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from bmad.errors import BmadError
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+"""errno values of a write that found no room: disk or quota full, file size limit reached."""
 
 
 def _read_umask() -> int:
@@ -28,11 +34,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = Tru
 
     On an exception the temp file is removed and ``path`` is left untouched. Without
     ``durable`` a crash can still lose the content (never expose half of it): for bulk
-    outputs that are verified by checksum on the next run.
+    outputs that are verified by checksum on the next run. A full disk (or quota, or file
+    size limit) raises :func:`disk_full_error`'s BmadError naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise disk_full_error(path, exc) from exc
+        raise
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode, **kwargs) as fh:
@@ -41,12 +53,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = Tru
             if durable:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise disk_full_error(path, exc) from exc
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def disk_full_error(path: str | os.PathLike, exc: OSError) -> BmadError:
+    """The error to show when writing ``path`` failed with ``exc`` for want of room."""
+    return BmadError(f"cannot write {path}: {exc.strerror or exc} (errno {errno.errorcode.get(exc.errno, exc.errno)})",
+                     hint="free disk space (or raise the quota / file size limit), then run the same command "
+                     "again: what was written before is intact and is kept")
 
 
 def _fsync_dir(folder: Path) -> None:

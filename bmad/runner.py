@@ -377,8 +377,9 @@ MAP_SAMPLE_SIDE = 256
 
 
 def write_map_sample(record_file: Path, sample: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Write the kept maps beside the record (``seed<k>.maps.npz``, float16, longest side
-    at most 256 px) atomically; returns the record's ``map_sample`` entry."""
+    """Write the kept maps beside the record (``seed<k>.maps.npz``, float16 where the values
+    fit its range, else float32; longest side at most 256 px) atomically; returns the
+    record's ``map_sample`` entry."""
     import io
 
     from bmad.fsutil import write_bytes_atomic
@@ -389,7 +390,11 @@ def write_map_sample(record_file: Path, sample: dict[str, np.ndarray]) -> dict[s
         f = MAP_SAMPLE_SIDE / max(h, w)
         maps = resize_maps(maps, (max(1, round(h * f)), max(1, round(w * f))))
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{**sample, "maps": maps.astype(np.float16)})
+    # raw maps can exceed float16 (UTRAD's reach ~1e5: inf) or sit below its normal range (flushed)
+    peak = float(np.abs(maps).max(initial=0.0))
+    half = np.finfo(np.float16)
+    fits = peak <= float(half.max) and (peak == 0 or peak >= float(half.tiny))
+    np.savez_compressed(buf, **{**sample, "maps": maps.astype(np.float16 if fits else np.float32)})
     out = record_file.with_name(record_file.stem + ".maps.npz")
     write_bytes_atomic(out, buf.getvalue())
     return {"file": out.name, "n": int(len(maps)), "size": [int(v) for v in maps.shape[-2:]]}
@@ -497,8 +502,11 @@ def environment(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "device": dev,
-        # CPU runs repeat to the bit (tested); CUDA kernels may not unless torch is told to
-        "deterministic": not device.startswith("cuda") or torch.are_deterministic_algorithms_enabled(),
+        # CPU runs repeat to the bit at one thread count (tests/test_determinism.py); CUDA ones only when
+        # torch is told to (then it raises on kernels that cannot; warn-only mode lets them run)
+        "deterministic": not device.startswith("cuda") or (torch.are_deterministic_algorithms_enabled()
+                                                           and not torch.is_deterministic_algorithms_warn_only_enabled()),
+        "threads": torch.get_num_threads(),  # CPU results change in the last bits with the thread count
         "platform": platform.platform(),
         "git": _git_commit(),
     }

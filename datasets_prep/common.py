@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bmad.errors import DataError, UsageError
-from bmad.fsutil import sha256_file, write_bytes_atomic, write_text_atomic
+from bmad.fsutil import DISK_FULL, disk_full_error, sha256_file, write_bytes_atomic, write_text_atomic
 from bmad.reorganizer import MANIFEST_COLUMNS, Summary
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ ON_ERROR = ("skip", "fail")
 JOURNAL = "journal.jsonl"
 STATE = "prepare.json"
 SKIPPED = "skipped.csv"
+SPLITS = ("train", "valid", "test")
+LABELS = ("good", "Ungood")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -80,6 +82,17 @@ class Output:
     patient: str = ""
     source: str = ""
     slice: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse an output that would land outside its folder: names often come from raw
+        file names or CSV fields, which are not trusted."""
+        if self.split not in SPLITS or self.label not in LABELS:
+            raise DataError(f"{self.source or self.name}: split/label {self.split!r}/{self.label!r} is not one of "
+                            f"{'|'.join(SPLITS)} / {'|'.join(LABELS)}")
+        if not self.name or self.name.startswith(".") or any(c in self.name for c in "/\\\0"):
+            raise DataError(f"{self.source or self.name}: output name {self.name!r} is not a plain file name "
+                            "(it must not hold a path separator or start with '.')",
+                            hint="rename the input file or fix the list that names it")
 
     def paths(self) -> tuple[str, str]:
         img = f"{self.split}/{self.label}/img/{self.name}"
@@ -224,8 +237,12 @@ class _Stage:
         self.journal: dict[str, dict[str, Any]] = {}
         jpath = path / JOURNAL
         if jpath.exists():
-            for line in jpath.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError, KeyError, TypeError):  # a torn last line is ignored
+            text = jpath.read_bytes()
+            if not text.endswith(b"\n"):  # a torn last line (killed mid-write, disk full): cut it off, or the
+                with open(jpath, "r+b") as fh:  # next line would be appended to it and lost with it
+                    fh.truncate(text.rfind(b"\n") + 1)
+            for line in text.decode("utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):  # the torn line is ignored
                     entry = json.loads(line)
                     self.journal[entry["key"]] = entry
         for tmp in path.rglob(".*.tmp"):
@@ -259,9 +276,14 @@ class _Stage:
     def record(self, key: str, rows: list[dict[str, str]], skipped: list[tuple[str, str]],
                files: dict[str, str]) -> None:
         """Journal a finished job (one fsynced line): a resume keeps it if its files verify."""
-        self._journal.write(json.dumps({"key": key, "rows": rows, "skipped": skipped, "files": files}) + "\n")
-        self._journal.flush()
-        os.fsync(self._journal.fileno())
+        try:
+            self._journal.write(json.dumps({"key": key, "rows": rows, "skipped": skipped, "files": files}) + "\n")
+            self._journal.flush()
+            os.fsync(self._journal.fileno())
+        except OSError as exc:
+            if exc.errno in DISK_FULL:
+                raise disk_full_error(self.path / JOURNAL, exc) from exc
+            raise
 
     def finish(self, rows: list[dict[str, str]], skipped: list[tuple[str, str]]) -> None:
         self._journal.close()
@@ -299,12 +321,16 @@ def verified_bench(final: Path, fp: str) -> Summary | None:
         manifest = (final / "manifest.csv").read_text(encoding="utf-8")
     except (OSError, ValueError):
         return None
-    if state.get("fingerprint") != fp or hashlib.sha256(manifest.encode()).hexdigest() != state.get(
-        "manifest_sha256"
-    ):
+    if not isinstance(state, dict) or state.get("fingerprint") != fp or hashlib.sha256(
+        manifest.encode()
+    ).hexdigest() != state.get("manifest_sha256"):
         return None
     summary = Summary(final, kept=True)
-    for r in csv.DictReader(io.StringIO(manifest)):
+    for line, r in enumerate(csv.DictReader(io.StringIO(manifest)), start=2):
+        if not _inside(r.get("path")) or not (r.get("mask") == "" or _inside(r.get("mask"))):
+            log.warning("%s line %d: path %r / mask %r is not a relative path inside the bench folder: the bench "
+                        "is not trusted", final / "manifest.csv", line, r.get("path"), r.get("mask"))
+            return None
         p = final / r["path"]
         if not p.is_file() or sha256_file(p) != r["sha256"] or (r["mask"] and not (final / r["mask"]).is_file()):
             return None
@@ -313,6 +339,13 @@ def verified_bench(final: Path, fp: str) -> Summary | None:
         text = (final / SKIPPED).read_text(encoding="utf-8")
         summary.skipped = [(r["source"], r["reason"]) for r in csv.DictReader(io.StringIO(text))]
     return summary
+
+
+def _inside(rel: Any) -> bool:
+    """True for a relative POSIX path that stays inside its folder (no "..", not absolute, no
+    backslash or NUL): what a manifest's ``path`` and ``mask`` must be."""
+    return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\\" not in rel and "\0" not in rel
+            and ".." not in rel.split("/"))
 
 
 def _commit(stage: Path, final: Path) -> None:
@@ -377,3 +410,35 @@ def spread(candidates: Sequence[int], k: int) -> list[int]:
     if k >= n:
         return list(candidates)
     return [candidates[int(np.floor((i + 0.5) * n / k))] for i in range(k)]
+
+
+def check_pixels(im: Image.Image, path: Path) -> None:
+    """DataError for an image larger than Pillow's decompression-bomb threshold
+    (``Image.MAX_IMAGE_PIXELS``, about 89 M pixels, over which Pillow only warns): checked on
+    the header before decoding, because a few hundred bytes of JPEG can claim 13,000 x 13,000
+    pixels and decode to gigabytes. (``bmad.data`` applies the same rule to bench images.)"""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        raise DataError(f"cannot read {path}: {im.width}x{im.height} pixels, more than the {limit:,} that bmad "
+                        "decodes (Pillow's decompression-bomb limit)", hint="replace or remove the file, or downscale it")
+
+
+DEFLATE_MAX_RATIO = 1032
+"""The most a deflate stream (gzip, zlib) expands: 1,032 bytes out per byte in."""
+
+
+def check_nifti_size(img: Any, path: Path, hint: str) -> None:
+    """DataError unless ``path`` can hold the voxel data the header of NIfTI image ``img``
+    declares: the file's size for ``.nii``, at most :data:`DEFLATE_MAX_RATIO` times it for
+    ``.nii.gz``. Checked before reading, so a corrupt header cannot make a reader allocate
+    the terabytes it claims."""
+    offset = float(img.header.get("vox_offset", 0))
+    need = max(int(offset), 0) if np.isfinite(offset) else 0
+    need += int(np.prod([int(d) for d in img.shape], dtype=object)) * img.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if path.name.lower().endswith(".gz"):
+        if need > size * DEFLATE_MAX_RATIO:
+            raise DataError(f"cannot read {path}: its header declares {need:,} bytes of voxel data (shape "
+                            f"{tuple(img.shape)}), more than {size:,} gzip-compressed bytes can hold", hint=hint)
+    elif size < need:
+        raise DataError(f"cannot read {path}: truncated ({size} of {need} bytes)", hint=hint)
