@@ -86,12 +86,12 @@ def load_references(path: Path | None = None) -> References:
     path = Path(path) if path is not None else default_reference_file()
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DataError(f"cannot read the reference file {path}: {exc}",
                         hint="pass a valid JSON file to --references (see docs/reporting.md for its format)") from None
     if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("sources"), dict) \
-            or not isinstance(doc.get("entries"), list):
-        raise DataError(f"{path}: not a bmad reference file (needs schema 1, a 'sources' object and an "
+            or not all(isinstance(s, dict) for s in doc["sources"].values()) or not isinstance(doc.get("entries"), list):
+        raise DataError(f"{path}: not a bmad reference file (needs schema 1, a 'sources' object of objects and an "
                         "'entries' list)", hint="see docs/reporting.md for the format")
     entries = []
     for i, raw in enumerate(doc["entries"]):
@@ -125,11 +125,19 @@ def _entry(raw: Any, sources: dict[str, Any]) -> Reference:
         raise ValueError("'algo' must be a string or null")
     if raw.get("config") is not None and not isinstance(raw["config"], dict):
         raise ValueError("'config' must be an object (parameter -> value) or null")
+    if any(isinstance(v, dict) and set(v) == {"one_of"} and not (isinstance(v["one_of"], list) and v["one_of"])
+           for v in (raw.get("config") or {}).values()):
+        raise ValueError("a config value {'one_of': ...} must hold a non-empty list of values")
+    for key in ("variant", "note"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise ValueError(f"'{key}' must be a string or null")
     if raw.get("flag") is not None and raw["flag"] not in FLAGS:
         raise ValueError(f"flag {raw['flag']!r} is not one of {FLAGS}")
     if raw.get("flag") and not raw.get("note"):
         raise ValueError("a flagged entry needs a 'note' saying what is wrong")
     shots = raw["shots"] if "shots" in raw else sources[raw["source"]].get("shots")
+    if shots is not None and not (_number(shots) and isinstance(shots, int) and shots >= 0):
+        raise ValueError(f"shots {shots!r} is neither null (the full training set) nor a number of shots (0: zero-shot)")
     return Reference(raw["source"], raw["table"], raw["bench"], raw["method"], raw.get("algo"), raw["metric"],
                      float(value), None if std is None else float(std), raw.get("variant"), raw.get("config"),
                      shots, raw.get("flag"), raw.get("note"))

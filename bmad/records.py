@@ -111,7 +111,7 @@ def _validate(rec: Any) -> None:
             raise ValueError(f"metric {k}={v!r} is not a fraction in [0, 1]")
     for group in _NUMBER_GROUPS:
         for k, v in rec.get(group, {}).items():
-            if v is not None and not (_is_number(v) and math.isfinite(v)):
+            if v is not None and not _is_finite(v):
                 raise ValueError(f"{group}.{k}={v!r} is not a number")
     seeds = rec.get("sweep", {}).get("seeds", 1)
     if not (_is_int(seeds) and seeds >= 1):
@@ -131,9 +131,9 @@ def _check_per_image(per: dict[str, Any]) -> None:
     scores, labels = per.get("scores"), per.get("labels")
     if not (isinstance(scores, list) and isinstance(labels, list) and len(scores) == len(labels)):
         raise ValueError("per_image needs arrays scores and labels of the same length")
-    if not all(_is_number(v) and math.isfinite(v) for v in scores):
+    if not all(_is_finite(v) for v in scores):
         raise ValueError("per_image.scores holds a value that is not a finite number")
-    if set(labels) != {0, 1} or not all(_is_int(v) for v in labels):
+    if not all(_is_int(v) for v in labels) or set(labels) != {0, 1}:
         raise ValueError("per_image.labels must be 0/1 with both classes present (as every scored test set has)")
 
 
@@ -143,6 +143,15 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    """A number a float holds: not NaN or infinite, and no integer past float's range (JSON
+    allows any; the leaderboards average them as floats)."""
+    try:
+        return _is_number(v) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _plain_name(v: Any) -> bool:

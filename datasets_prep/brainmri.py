@@ -46,14 +46,16 @@ from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep.common import (
     Job,
     Output,
+    decode_gray,
     input_fingerprint,
+    parse_size,
     png_bytes,
     proportional,
+    resize_gray,
     threaded_map,
     verified_bench,
     write_bench,
 )
-from datasets_prep.oct2017 import decode_gray
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +282,10 @@ def read_duplicates(final: Path) -> list[list[str]] | None:
         rows = list(csv.DictReader(io.StringIO((final / DUPLICATES).read_text(encoding="utf-8"))))
         groups: dict[str, list[str]] = {}
         for r in rows:
+            if r["source"] is None:  # a row shorter than the header
+                return None
             groups.setdefault(r["group"], []).append(r["source"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, csv.Error):
         return None
     return list(groups.values())
 
@@ -312,15 +316,7 @@ brain_tumor_dataset/   the folder that holds no/ and yes/ (Kaggle's archive.zip,
         overwrite: bool = False,
     ) -> None:
         self.raw = Path(raw)
-        if size is not None:
-            try:
-                h, w = (int(v) for v in size)
-            except (TypeError, ValueError):
-                raise UsageError(f"--size {size!r} is not two integers H W", hint="e.g. --size 256 256") from None
-            if h < 1 or w < 1:
-                raise UsageError(f"--size {h} {w}: both must be positive", hint="e.g. --size 256 256")
-            size = (h, w)
-        self.size: tuple[int, int] | None = size
+        self.size = parse_size(size)
         self.split_seed = int(split_seed)
         self.workers = int(workers or 1)
         if on_error not in ("skip", "fail"):
@@ -481,11 +477,7 @@ brain_tumor_dataset/   the folder that holds no/ and yes/ (Kaggle's archive.zip,
     def _write_one(self, p: _Payload) -> list[Output]:
         """Decode one image to 8-bit gray (resized when ``--size``) and return its PNG."""
         pixels = decode_gray(p.path)
-        if self.size is not None and pixels.shape != self.size:
-            from PIL import Image
-
-            h, w = self.size
-            pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BICUBIC))
+        pixels = resize_gray(pixels, self.size)
         return [Output(p.split, p.label, p.name, png_bytes(pixels), None, patient=p.patient, source=p.source)]
 
 

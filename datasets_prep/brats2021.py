@@ -35,6 +35,7 @@ from datasets_prep import synthetic
 from datasets_prep.common import (
     Job,
     Output,
+    check_nifti_size,
     input_fingerprint,
     mask_png,
     png_bytes,
@@ -271,6 +272,9 @@ def _load(path: Path) -> np.ndarray:
         img = nib.load(path)
         if len(img.shape) < 3 or any(d != 1 for d in img.shape[3:]):
             raise DataError(f"{path} is not a 3-D volume (shape {img.shape})", hint=_read_hint(path))
+        if min(img.shape[:3]) < 1:  # a dimension of 0, or negative in a corrupt header
+            raise DataError(f"{path} is empty (shape {img.shape})", hint=_read_hint(path))
+        check_nifti_size(img, path, _read_hint(path))
         img = nib.as_closest_canonical(nib.funcs.squeeze_image(img))
         return np.asanyarray(img.dataobj)
     except DataError:
@@ -286,6 +290,8 @@ def _canonical_shape(path: Path) -> tuple[int, ...]:
         ornt = nib.io_orientation(img.affine)
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}", hint=_read_hint(path)) from exc
+    if np.isnan(ornt).any():
+        raise DataError(f"{path} has a degenerate affine (no orientation)", hint=_read_hint(path))
     shape = [0, 0, 0]
     for axis in range(min(3, len(img.shape))):
         shape[int(ornt[axis, 0])] = img.shape[axis]

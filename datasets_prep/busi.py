@@ -40,10 +40,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bmad.errors import DataError, UsageError
+from bmad.data import check_pixels
+from bmad.errors import DataError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
-from datasets_prep.common import Job, Output, input_fingerprint, mask_png, png_bytes, proportional, write_bench
-from datasets_prep.oct2017 import decode_gray
+from datasets_prep.common import (
+    Job,
+    Output,
+    decode_gray,
+    input_fingerprint,
+    mask_png,
+    parse_size,
+    png_bytes,
+    proportional,
+    write_bench,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +192,13 @@ def read_mask(path: Path) -> np.ndarray:
     hint = f"re-extract {path.name} from the BUSI archive, or move it and its image out of --raw"
     try:
         with Image.open(path) as im:
+            check_pixels(im, path)
             im.load()
             if im.mode in ("RGBA", "LA", "PA", "P") or "transparency" in im.info:
                 im = im.convert("RGBA").convert("RGB")
             arr = np.asarray(im)
+    except DataError:
+        raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad files
         raise DataError(f"cannot decode the mask {path}: {type(exc).__name__}: {exc}", hint=hint) from exc
     if arr.ndim == 3:
@@ -229,15 +242,7 @@ class BUSI(Reorganizer):
         overwrite: bool = False,
     ) -> None:
         self.raw = Path(raw)
-        if size is not None:
-            try:
-                h, w = (int(v) for v in size)
-            except (TypeError, ValueError):
-                raise UsageError(f"--size {size!r} is not two integers H W", hint="e.g. --size 256 256") from None
-            if h < 1 or w < 1:
-                raise UsageError(f"--size {h} {w}: both must be positive", hint="e.g. --size 256 256")
-            size = (h, w)
-        self.size: tuple[int, int] | None = size
+        self.size = parse_size(size)
         self.workers = max(1, int(workers or 1))
         self.on_error = on_error
         self.overwrite = bool(overwrite)

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import hashlib
-import io
 import logging
 import os
 import re
@@ -50,6 +48,7 @@ from datasets_prep import wsi
 from datasets_prep.common import (
     Job,
     Output,
+    csv_rows,
     input_fingerprint,
     png_bytes,
     proportional,
@@ -160,14 +159,15 @@ def tumour_origins(ann: wsi.Annotations, width: int, height: int, size: int = PA
     """Top-left corners [N, 2] of patches whose centre is tumour in ``ann``.
 
     Candidate centres: the centres of the ``size`` grid cells inside a tumour polygon's
-    bounding box, plus one interior point of every tumour polygon that holds no grid centre
-    (small metastases); kept when :meth:`~datasets_prep.wsi.Annotations.contains` says
+    bounding box (clipped to the slide), plus one interior point of every tumour polygon
+    that holds no grid centre (small metastases); kept when :meth:`~datasets_prep.wsi.Annotations.contains` says
     tumour and the patch lies wholly inside the slide.
     """
     half = size // 2
     centres = []
     for poly in ann.tumour:
         x0, y0, x1, y1 = poly.bbox
+        x1, y1 = min(x1, width), min(y1, height)  # no patch lies past the slide: a corrupt polygon's grid stays small
         gx = np.arange(max(0, int(np.floor((x0 - half) / size))), int(np.ceil((x1 - half) / size)) + 1)
         gy = np.arange(max(0, int(np.floor((y0 - half) / size))), int(np.ceil((y1 - half) / size)) + 1)
         mx, my = np.meshgrid(gx * size + half, gy * size + half)
@@ -260,7 +260,7 @@ def read_reference(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}", hint=hint) from exc
-    rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+    rows = [r for r in csv_rows(text, path, hint) if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path} is empty", hint=hint)
     id_col, label_col = 0, 1

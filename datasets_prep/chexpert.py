@@ -42,9 +42,18 @@ import numpy as np
 
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
-from datasets_prep.common import Job, Output, input_fingerprint, png_bytes, write_bench
-from datasets_prep.oct2017 import decode_gray
-from datasets_prep.zhanglab import parse_size, resize_gray, synthetic_chest
+from datasets_prep.common import (
+    Job,
+    Output,
+    csv_rows,
+    decode_gray,
+    input_fingerprint,
+    parse_size,
+    png_bytes,
+    resize_gray,
+    write_bench,
+)
+from datasets_prep.zhanglab import synthetic_chest
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +118,7 @@ def read_table(path: Path, split: str) -> Table:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {path}: {exc}", hint=hint) from exc
-    reader = csv.reader(io.StringIO(text))
+    reader = iter(csv_rows(text, path, hint))
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in REQUIRED if c not in header]
     if missing:

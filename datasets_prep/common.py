@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from bmad.data import check_pixels
 from bmad.errors import DataError, UsageError
 from bmad.fsutil import DISK_FULL, disk_full_error, sha256_file, write_bytes_atomic, write_text_atomic
 from bmad.reorganizer import MANIFEST_COLUMNS, Summary
@@ -227,7 +228,7 @@ class _Stage:
         if path.exists():
             try:
                 same = json.loads(state.read_text())["fingerprint"] == fp
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 same = False
             if not same:
                 shutil.rmtree(path)
@@ -242,9 +243,10 @@ class _Stage:
                 with open(jpath, "r+b") as fh:  # next line would be appended to it and lost with it
                     fh.truncate(text.rfind(b"\n") + 1)
             for line in text.decode("utf-8", errors="replace").splitlines():
-                with contextlib.suppress(ValueError, KeyError, TypeError):  # the torn line is ignored
+                with contextlib.suppress(ValueError, RecursionError):  # the torn line is ignored
                     entry = json.loads(line)
-                    self.journal[entry["key"]] = entry
+                    if _journal_entry(entry):  # anything else is not a line record() wrote: the job is redone
+                        self.journal[entry["key"]] = entry
         for tmp in path.rglob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         self._journal = open(jpath, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
@@ -275,9 +277,12 @@ class _Stage:
 
     def record(self, key: str, rows: list[dict[str, str]], skipped: list[tuple[str, str]],
                files: dict[str, str]) -> None:
-        """Journal a finished job (one fsynced line): a resume keeps it if its files verify."""
+        """Journal a finished job (one fsynced line, with the sha256 of its content): a resume
+        keeps it if it verifies, and its files too."""
+        entry = {"key": key, "rows": rows, "skipped": skipped, "files": files}
+        entry["sha256"] = hashlib.sha256(json.dumps(entry).encode()).hexdigest()
         try:
-            self._journal.write(json.dumps({"key": key, "rows": rows, "skipped": skipped, "files": files}) + "\n")
+            self._journal.write(json.dumps(entry) + "\n")
             self._journal.flush()
             os.fsync(self._journal.fileno())
         except OSError as exc:
@@ -287,10 +292,14 @@ class _Stage:
 
     def finish(self, rows: list[dict[str, str]], skipped: list[tuple[str, str]]) -> None:
         self._journal.close()
+        listed = {r["path"] for r in rows} | {r["mask"] for r in rows if r["mask"]} | {STATE, JOURNAL}
+        for p in [p for p in self.path.rglob("*") if p.is_file()]:
+            if p.relative_to(self.path).as_posix() not in listed:
+                p.unlink()  # written by an earlier attempt at a job that a resume then skipped
         os.sync()  # every staged file on disk before the manifest makes the bench final
         write_text_atomic(self.path / "manifest.csv", manifest_text(rows))
+        buf = io.StringIO()
         if skipped:
-            buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
             w.writerow(["source", "reason"])
             w.writerows(sorted(skipped))
@@ -298,7 +307,32 @@ class _Stage:
         (self.path / JOURNAL).unlink()
         state = json.loads((self.path / STATE).read_text())
         state["manifest_sha256"] = hashlib.sha256(manifest_text(rows).encode()).hexdigest()
+        state["skipped_sha256"] = hashlib.sha256(buf.getvalue().encode()).hexdigest()
         write_text_atomic(self.path / STATE, json.dumps(state, sort_keys=True) + "\n")
+
+
+def _journal_entry(entry: Any) -> bool:
+    """True for a journal entry as :meth:`_Stage.record` writes it: its content's sha256; a key;
+    manifest rows (of MANIFEST_COLUMNS, known split and label) whose image and mask are exactly
+    the entry's files; files at relative paths inside the bench, with their sha256; skipped
+    (source, reason) pairs."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("rows"), list)
+            and isinstance(entry.get("skipped"), list) and isinstance(entry.get("files"), dict)):
+        return False
+    content = {k: v for k, v in entry.items() if k != "sha256"}
+    if hashlib.sha256(json.dumps(content).encode()).hexdigest() != entry.get("sha256"):
+        return False
+    files = entry["files"]
+    if not all(_inside(rel) and isinstance(digest, str) for rel, digest in files.items()):
+        return False
+    if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, str) for v in s) for s in entry["skipped"]):
+        return False
+    if not all(isinstance(r, dict) and set(r) == set(MANIFEST_COLUMNS) and all(isinstance(v, str) for v in r.values())
+               and r["split"] in SPLITS and r["label"] in LABELS and files.get(r["path"]) == r["sha256"]
+               for r in entry["rows"]):
+        return False
+    written = [r["path"] for r in entry["rows"]] + [r["mask"] for r in entry["rows"] if r["mask"]]
+    return sorted(written) == sorted(files)
 
 
 def manifest_text(rows: Sequence[dict[str, str]]) -> str:
@@ -314,30 +348,43 @@ def verified_bench(final: Path, fp: str) -> Summary | None:
     """A Summary for ``final`` if it was prepared with fingerprint ``fp`` and every file verifies.
 
     Reorganizers call it before a costly planning pass so that a re-run on the same
-    inputs returns at once; :func:`write_bench` calls it too.
+    inputs returns at once; :func:`write_bench` calls it too. Whatever does not read or
+    verify (the state, the manifest, a row, skipped.csv) makes the bench untrusted: None.
     """
     try:
         state = json.loads((final / STATE).read_text())
         manifest = (final / "manifest.csv").read_text(encoding="utf-8")
-    except (OSError, ValueError):
+        skipped = (final / SKIPPED).read_text(encoding="utf-8") if (final / SKIPPED).exists() else ""
+        reader = csv.DictReader(io.StringIO(manifest))
+        rows = list(reader)
+        skipped_rows = list(csv.DictReader(io.StringIO(skipped)))
+    except (OSError, ValueError, RecursionError, csv.Error):  # unreadable, not UTF-8, not JSON, too deep, bad CSV
         return None
     if not isinstance(state, dict) or state.get("fingerprint") != fp or hashlib.sha256(
         manifest.encode()
-    ).hexdigest() != state.get("manifest_sha256"):
+    ).hexdigest() != state.get("manifest_sha256") or tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS or not rows:
+        return None
+    # benches prepared before skipped.csv's sha256 was recorded have none
+    if "skipped_sha256" in state and hashlib.sha256(skipped.encode()).hexdigest() != state["skipped_sha256"]:
         return None
     summary = Summary(final, kept=True)
-    for line, r in enumerate(csv.DictReader(io.StringIO(manifest)), start=2):
+    for line, r in enumerate(rows, start=2):
         if not _inside(r.get("path")) or not (r.get("mask") == "" or _inside(r.get("mask"))):
             log.warning("%s line %d: path %r / mask %r is not a relative path inside the bench folder: the bench "
                         "is not trusted", final / "manifest.csv", line, r.get("path"), r.get("mask"))
             return None
+        if r.get("split") not in SPLITS or r.get("label") not in LABELS:
+            return None
         p = final / r["path"]
-        if not p.is_file() or sha256_file(p) != r["sha256"] or (r["mask"] and not (final / r["mask"]).is_file()):
+        try:
+            if not p.is_file() or sha256_file(p) != r["sha256"] or (r["mask"] and not (final / r["mask"]).is_file()):
+                return None
+        except OSError:  # a name too long for the file system
             return None
         summary.counts[(r["split"], r["label"])] = summary.counts.get((r["split"], r["label"]), 0) + 1
-    if (final / SKIPPED).is_file():
-        text = (final / SKIPPED).read_text(encoding="utf-8")
-        summary.skipped = [(r["source"], r["reason"]) for r in csv.DictReader(io.StringIO(text))]
+    if any(r.get("source") is None or r.get("reason") is None for r in skipped_rows):
+        return None
+    summary.skipped = [(r["source"], r["reason"]) for r in skipped_rows]
     return summary
 
 
@@ -357,6 +404,16 @@ def _commit(stage: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         stage.rename(final)
+
+
+def csv_rows(text: str, path: Path, hint: str) -> list[list[str]]:
+    """The rows of CSV ``text`` read from ``path``; DataError naming the file and line for what
+    the csv module refuses (a field over its 128 KiB limit, say)."""
+    reader = csv.reader(io.StringIO(text))
+    try:
+        return list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: {exc}", hint=hint) from None
 
 
 def proportional(bmad_sizes: Sequence[int], bmad_total: int, n: int, *, minimum: int = 1) -> list[int]:
@@ -412,17 +469,6 @@ def spread(candidates: Sequence[int], k: int) -> list[int]:
     return [candidates[int(np.floor((i + 0.5) * n / k))] for i in range(k)]
 
 
-def check_pixels(im: Image.Image, path: Path) -> None:
-    """DataError for an image larger than Pillow's decompression-bomb threshold
-    (``Image.MAX_IMAGE_PIXELS``, about 89 M pixels, over which Pillow only warns): checked on
-    the header before decoding, because a few hundred bytes of JPEG can claim 13,000 x 13,000
-    pixels and decode to gigabytes. (``bmad.data`` applies the same rule to bench images.)"""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and im.width * im.height > limit:
-        raise DataError(f"cannot read {path}: {im.width}x{im.height} pixels, more than the {limit:,} that bmad "
-                        "decodes (Pillow's decompression-bomb limit)", hint="replace or remove the file, or downscale it")
-
-
 DEFLATE_MAX_RATIO = 1032
 """The most a deflate stream (gzip, zlib) expands: 1,032 bytes out per byte in."""
 
@@ -442,3 +488,45 @@ def check_nifti_size(img: Any, path: Path, hint: str) -> None:
                             f"{tuple(img.shape)}), more than {size:,} gzip-compressed bytes can hold", hint=hint)
     elif size < need:
         raise DataError(f"cannot read {path}: truncated ({size} of {need} bytes)", hint=hint)
+
+
+def decode_gray(path: Path) -> np.ndarray:
+    """The image at ``path`` decoded to uint8 [H, W] (Pillow; colour converted with
+    ITU-R 601-2 luma); DataError naming the file when it cannot be decoded."""
+    hint = f"re-download or re-extract {path.name}, or delete it from the raw folder"
+    try:
+        with Image.open(path) as im:
+            check_pixels(im, path)
+            im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raise DataError(f"{path} has {im.mode} pixels, not 8-bit", hint=hint)
+            gray = im if im.mode == "L" else im.convert("L")
+            pixels = np.asarray(gray, dtype=np.uint8)
+    except DataError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad files
+        raise DataError(f"cannot decode {path}: {type(exc).__name__}: {exc}", hint=hint) from exc
+    if pixels.ndim != 2 or 0 in pixels.shape:
+        raise DataError(f"{path} decodes to an empty image {pixels.shape}", hint=hint)
+    return pixels
+
+
+def parse_size(size: Sequence[int] | None, example: str = "256 256") -> tuple[int, int] | None:
+    """``--size H W`` as a (H, W) tuple of positive ints (None stays None); UsageError otherwise."""
+    if size is None:
+        return None
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise UsageError(f"--size {size!r} is not two integers H W", hint=f"e.g. --size {example}") from None
+    if h < 1 or w < 1:
+        raise UsageError(f"--size {h} {w}: both must be positive", hint=f"e.g. --size {example}")
+    return h, w
+
+
+def resize_gray(pixels: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """``pixels`` resized to ``size`` (H, W) with Pillow's bicubic filter; unchanged when None or equal."""
+    if size is None or pixels.shape == size:
+        return pixels
+    h, w = size
+    return np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BICUBIC))

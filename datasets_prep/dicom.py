@@ -43,6 +43,7 @@ packages that would).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -82,6 +83,13 @@ PIP_NAMES = {"gdcm": "python-gdcm", "pil": "pillow"}
 
 CONVERT_HINT = ("decompress it first, e.g. `gdcmconv --raw IN.dcm OUT.dcm` (GDCM) or `dcmconv +te IN.dcm OUT.dcm` "
                 "(DCMTK), or move the file out of the raw folder")
+
+MAX_FRAME_BYTES = 2**28
+"""The largest decoded frame read (256 MiB; the largest radiographs and mammograms take about 45 MB):
+checked before decoding, so a corrupt Rows/Columns cannot make a decoder allocate gigabytes."""
+
+_NOT_DECODER_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+"""BaseExceptions that are not a decoder failing (a Rust decoder's panic is a BaseException too)."""
 
 
 def read_dicom_8bit(path: str | os.PathLike) -> np.ndarray:
@@ -124,7 +132,10 @@ def read_dataset(path: Path):  # -> pydicom.dataset.FileDataset
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file", hint="check the raw folder")
     try:
-        ds = pydicom.dcmread(path)
+        # parsed from memory: a corrupt length field then reads at most what the file holds, where a
+        # file object would first allocate the gigabytes it claims
+        data = path.read_bytes()
+        ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError:
         ds = None
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt files raise EOFError, OSError, ValueError...
@@ -132,7 +143,7 @@ def read_dataset(path: Path):  # -> pydicom.dataset.FileDataset
             from exc
     if ds is None:
         try:
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
             ok = all(k in ds for k in ("Rows", "Columns", "PixelData")) and int(ds.Rows) > 0
         except Exception:  # noqa: BLE001 - anything that does not parse is "not DICOM"
             ok = False
@@ -145,8 +156,8 @@ def read_dataset(path: Path):  # -> pydicom.dataset.FileDataset
             ds.file_meta.TransferSyntaxUID = (
                 ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
             )
+    ds.filename = str(path)
     if "PixelData" not in ds:
-        data = path.read_bytes()
         if len(ds) == 0 or any(tag in data for tag in _PIXEL_DATA_TAGS):
             raise DataError(f"{path} is truncated or corrupt: its Pixel Data element could not be read",
                             hint=_bad_file_hint(path))
@@ -157,7 +168,11 @@ def read_dataset(path: Path):  # -> pydicom.dataset.FileDataset
     missing = [k for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation") if k not in ds]
     if missing:
         raise DataError(f"{path} lacks the image attribute(s) {', '.join(missing)}", hint=_bad_file_hint(path))
-    frames = int(ds.get("NumberOfFrames") or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        raise DataError(f"{path} has Number of Frames {ds.get('NumberOfFrames')!r}, not a number",
+                        hint=_bad_file_hint(path)) from None
     if frames != 1:
         raise DataError(f"{path} is a multi-frame DICOM ({frames} frames); only single-frame images are supported",
                         hint="move it out of the raw folder, or split it into single frames first")
@@ -208,10 +223,19 @@ def decode_pixels(ds, path: Path) -> np.ndarray:
         raise DataError(f"{path} uses transfer syntax {name} and no installed package decodes it; "
                         f"it needs: {pkgs}", hint=f"install one of them ({pkgs}), or {CONVERT_HINT}")
 
-    bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
-    high_bit = int(ds.get("HighBit", bits_stored - 1))
+    try:
+        bits_allocated = int(ds.BitsAllocated)
+        bits_stored = int(ds.get("BitsStored") or bits_allocated)
+        high_bit = int(ds.get("HighBit", bits_stored - 1))
+        frame_bytes = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * -(-bits_allocated // 8)
+    except Exception as exc:  # noqa: BLE001 - a corrupt element converts to a list, text or nothing
+        raise DataError(f"{path} has malformed image attributes (Rows, Columns, Samples per Pixel, Bits Allocated, "
+                        f"Bits Stored, High Bit): {type(exc).__name__}: {exc}", hint=_bad_file_hint(path)) from None
+    if frame_bytes > MAX_FRAME_BYTES:
+        raise DataError(f"{path} declares a {ds.Columns}x{ds.Rows} image of {frame_bytes:,} bytes, more than the "
+                        f"{MAX_FRAME_BYTES:,} bytes bmad decodes", hint=_bad_file_hint(path))
     shift = high_bit + 1 - bits_stored if not tsuid.is_encapsulated else 0
-    if shift < 0 or high_bit >= int(ds.BitsAllocated):
+    if shift < 0 or high_bit >= bits_allocated:
         raise DataError(f"{path} has inconsistent High Bit {high_bit} / Bits Stored {bits_stored} / "
                         f"Bits Allocated {ds.BitsAllocated}", hint=_bad_file_hint(path))
     if shift:
@@ -222,10 +246,12 @@ def decode_pixels(ds, path: Path) -> np.ndarray:
             try:
                 arr = pixel_array(ds, decoding_plugin=plugin)
                 break
-            except Exception:  # noqa: BLE001 - fall back to pydicom's other plugins, then report
-                if i == len(plugins) - 1:
+            except BaseException as exc:  # noqa: BLE001 - fall back to pydicom's other plugins, then report
+                if isinstance(exc, _NOT_DECODER_ERRORS) or i == len(plugins) - 1:
                     raise
-    except Exception as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - a Rust decoder (pylibjpeg-rle) panics with a BaseException
+        if isinstance(exc, _NOT_DECODER_ERRORS):
+            raise
         msg = " ".join(str(exc).split())
         raise DataError(f"cannot decode the pixel data of {path} ({name}): {type(exc).__name__}: {msg}",
                         hint=_bad_file_hint(path)) from exc
@@ -346,8 +372,6 @@ def write_dicom(
     set after the defaults. UIDs derive from ``uid_seed`` (default: the file name), so
     the same call writes the same bytes.
     """
-    import io
-
     from PIL import Image
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.encaps import encapsulate

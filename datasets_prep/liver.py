@@ -39,6 +39,7 @@ from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep.common import (
     Job,
     Output,
+    check_nifti_size,
     input_fingerprint,
     mask_png,
     png_bytes,
@@ -295,15 +296,11 @@ class Volume:
                             hint=_hint(self.path, option)) from exc
         if len(shape) < 3 or any(d != 1 for d in shape[3:]):
             raise DataError(f"{self.path} is not a 3-D volume (shape {shape})", hint=_hint(self.path, option))
-        if 0 in shape[:3]:
+        if min(shape[:3]) < 1:  # a dimension of 0, or negative in a corrupt header
             raise DataError(f"{self.path} is empty (shape {shape})", hint=_hint(self.path, option))
         if np.isnan(ornt).any():
             raise DataError(f"{self.path} has a degenerate affine (no orientation)", hint=_hint(self.path, option))
-        if not self.path.name.lower().endswith(".gz"):  # an uncompressed file's size is known from its header
-            need = int(img.header.get("vox_offset", 0)) + int(np.prod(shape)) * img.get_data_dtype().itemsize
-            if self.path.stat().st_size < need:
-                raise DataError(f"cannot read {self.path}: truncated ({self.path.stat().st_size} of {need} bytes)",
-                                hint=_hint(self.path, option))
+        check_nifti_size(img, self.path, _hint(self.path, option))
         self._ndim = len(shape)
         self.shape = shape[:3]
         self.ornt = ornt

@@ -34,14 +34,25 @@ import numpy as np
 
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
-from datasets_prep.common import Job, Output, input_fingerprint, png_bytes, proportional, write_bench
+from datasets_prep import kermany
+from datasets_prep.common import (
+    Job,
+    Output,
+    decode_gray,
+    input_fingerprint,
+    parse_size,
+    png_bytes,
+    proportional,
+    resize_gray,
+    write_bench,
+)
+from datasets_prep.kermany import Item, Payload
 
 log = logging.getLogger(__name__)
 
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 DISEASES = CLASSES[1:]
 SPLIT_FOLDERS = ("train", "test", "val")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 NAME_RE = re.compile(r"^(?P<cls>[A-Za-z]+)-(?P<patient>\d+)-(?P<n>\d+)$")
 """Kermany's file names: ``<CLASS>-<randomized patient id>-<image number of that patient>``."""
 
@@ -56,19 +67,6 @@ FORMAT_VERSION = 1
 # exports are 496 rows high and 512, 768, 1024 or 1536 columns wide, mostly 512 or 768.
 REAL_SIZES = ((496, 512), (496, 768), (496, 1024), (496, 1536))
 REAL_SIZE_WEIGHTS = (0.6, 0.3, 0.05, 0.05)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One raw image: ``source`` relative to the raw root, its class folder, and the patient
-    id and image number parsed from its name (patient = the file stem when the name is
-    not Kermany's ``<CLASS>-<patient>-<n>``; ``number`` empty then)."""
-
-    path: Path
-    source: str
-    cls: str
-    patient: str
-    number: str
 
 
 def parse_name(stem: str) -> tuple[str, str]:
@@ -170,122 +168,29 @@ def plan_eval_split(items: Sequence[Item], seed: int) -> EvalPlan:
 
 
 # -- finding the raw files ---------------------------------------------------------------
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-
-
-def _looks_like_root(folder: Path) -> bool:
-    """``folder`` holds train/ and test/ with at least one OCT class folder."""
-    if not ((folder / "train").is_dir() and (folder / "test").is_dir()):
-        return False
-    return any((folder / s / c).is_dir() for s in ("train", "test") for c in CLASSES[1:])
-
-
-def _candidate_roots(raw: Path, depth: int = 3) -> list[Path]:
-    """Folders below ``raw`` (at most ``depth`` levels) that look like the OCT2017 root."""
-    found, level = [], [raw]
-    for _ in range(depth):
-        nxt = []
-        for folder in level:
-            try:
-                subs = _visible_dirs(folder)
-            except OSError:
-                continue
-            for sub in subs:
-                if _looks_like_root(sub):
-                    found.append(sub)
-                else:
-                    nxt.append(sub)
-        level = nxt
-    return found
-
-
 def find_root(raw: Path) -> Path:
     """Check that ``raw`` holds ``train/`` and ``test/``; DataError with the fix otherwise
     (naming the folder to pass when the user pointed one or more levels too high)."""
-    if not raw.is_dir():
-        raise DataError(f"raw folder {raw} does not exist",
-                        hint="pass --raw pointing at the OCT2017 folder that contains train/ and test/")
-    missing = [s for s in ("train", "test") if not (raw / s).is_dir()]
-    if not missing:
-        return raw
-    candidates = _candidate_roots(raw)
-    if candidates:
-        names = " or ".join(repr(str(c)) for c in candidates[:3])
-        hint = (f"pass --raw {names}: the folder that contains train/ and test/ (quote it: the Kaggle "
-                "mirror's folder is named 'OCT2017 ' with a trailing space)")
-    else:
-        hint = ("pass --raw pointing at the folder that contains train/ and test/ "
-                "(OCT2017/ from Mendeley, CellData/OCT/ from ZhangLabData.zip, 'OCT2017 /' from Kaggle)")
-    raise DataError(f"{raw} has no {' and no '.join(m + '/' for m in missing)} folder", hint=hint)
+    return kermany.find_root(raw, DISEASES, "OCT2017",
+                             "OCT2017/ from Mendeley, CellData/OCT/ from ZhangLabData.zip, 'OCT2017 /' from Kaggle",
+                             " (quote it: the Kaggle mirror's folder is named 'OCT2017 ' with a trailing space)")
+
+
+def _wrong_class(folder: Path) -> DataError:
+    return DataError(f"unexpected class folder {folder} (Kermany's classes are {', '.join(CLASSES)})",
+                     hint=f"move {folder.name}/ out of {folder.parent}, or rename it to one of the four classes")
 
 
 def scan_split(root: Path, split: str, *, classes: Sequence[str] = CLASSES,
                ignored: list[tuple[str, str]] | None = None) -> dict[str, list[Item]]:
-    """The images of ``root/split/<CLASS>/`` for the classes in ``classes``, sorted by name.
-
-    Every visible sub-folder must be one of Kermany's four classes (DataError otherwise).
-    Files directly in ``split/`` and hidden files are ignored; other files that are not
-    .jpeg/.jpg/.png are appended to ``ignored`` as (source, reason).
-    """
-    folder = root / split
-    found: dict[str, list[Item]] = {}
-    for sub in _visible_dirs(folder):
-        if sub.name not in CLASSES:
-            raise DataError(
-                f"unexpected class folder {sub} (Kermany's classes are {', '.join(CLASSES)})",
-                hint=f"move {sub.name}/ out of {folder}, or rename it to one of the four classes",
-            )
-        if sub.name not in classes:
-            continue
-        items = []
-        for p in sorted(sub.iterdir()):
-            if p.name.startswith(".") or not p.is_file():
-                continue
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                if ignored is not None:
-                    ignored.append((p.relative_to(root).as_posix(), "not a .jpeg/.jpg/.png image; ignored"))
-                continue
-            patient, number = parse_name(p.stem)
-            items.append(Item(p, p.relative_to(root).as_posix(), sub.name, patient, number))
-        found[sub.name] = items
-    return found
+    """The images of ``root/split/<CLASS>/`` for the classes in ``classes``, sorted by name
+    (:func:`datasets_prep.kermany.scan_split`; every visible sub-folder must be one of
+    Kermany's four classes)."""
+    return kermany.scan_split(root, split, known=CLASSES, wanted=classes, parse_name=parse_name,
+                              wrong_class=_wrong_class, ignored=ignored)
 
 
 # -- the reorganizer ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Payload:
-    path: Path
-    split: str
-    label: str
-    name: str
-    patient: str
-    source: str
-    number: str
-
-
-def decode_gray(path: Path) -> np.ndarray:
-    """The image at ``path`` decoded to uint8 [H, W] (Pillow; colour converted with
-    ITU-R 601-2 luma); DataError naming the file when it cannot be decoded."""
-    from PIL import Image
-
-    hint = f"re-download or re-extract {path.name}, or delete it from the raw folder"
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                raise DataError(f"{path} has {im.mode} pixels, not 8-bit", hint=hint)
-            gray = im if im.mode == "L" else im.convert("L")
-            pixels = np.asarray(gray, dtype=np.uint8)
-    except DataError:
-        raise
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad files
-        raise DataError(f"cannot decode {path}: {type(exc).__name__}: {exc}", hint=hint) from exc
-    if pixels.ndim != 2 or 0 in pixels.shape:
-        raise DataError(f"{path} decodes to an empty image {pixels.shape}", hint=hint)
-    return pixels
-
-
 @register_reorganizer("oct2017")
 class OCT2017(Reorganizer):
     """Kermany OCT2017 JPEGs -> BMAD's Retina_OCT2017 bench (image labels, no masks)."""
@@ -319,15 +224,7 @@ OCT2017/      the folder that holds train/ and test/: OCT2017/ from Mendeley's O
         if split not in SPLIT_MODES:
             raise UsageError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {split!r}")
         self.split = split
-        if size is not None:
-            try:
-                h, w = (int(v) for v in size)
-            except (TypeError, ValueError):
-                raise UsageError(f"--size {size!r} is not two integers H W", hint="e.g. --size 496 512") from None
-            if h < 1 or w < 1:
-                raise UsageError(f"--size {h} {w}: both must be positive", hint="e.g. --size 496 512")
-            size = (h, w)
-        self.size: tuple[int, int] | None = size
+        self.size = parse_size(size, "496 512")
         self.disjoint_train = bool(disjoint_train)
         self.split_seed = int(split_seed)
         self.workers = int(workers or 1)
@@ -503,21 +400,17 @@ OCT2017/      the folder that holds train/ and test/: OCT2017/ from Mendeley's O
             if names[(split, label, stem)] > 1:  # same name in test/ and val/ (or .jpeg and .jpg)
                 stem = f"{stem}__{it.source.split('/')[0]}_{it.path.suffix.lstrip('.').lower()}"
             jobs.append(Job(it.source, it.source,
-                            _Payload(it.path, split, label, f"{stem}.png", it.patient, it.source, it.number)))
+                            Payload(it.path, split, label, f"{stem}.png", it.patient, it.source, it.number)))
         options = {"format": FORMAT_VERSION, "split": self.split, "split_seed": self.split_seed,
                    "size": list(self.size) if self.size else None, "disjoint_train": self.disjoint_train}
         fingerprint = input_fingerprint(options, [it.path for _, _, it in chosen], root)
         return write_bench(out, self.folder, jobs, self._write_one, fingerprint=fingerprint, workers=self.workers,
                            on_error=self.on_error, overwrite=self.overwrite, progress=progress, skipped=ignored)
 
-    def _write_one(self, p: _Payload) -> list[Output]:
+    def _write_one(self, p: Payload) -> list[Output]:
         """Decode one JPEG to 8-bit gray (resized when ``--size``) and return its PNG."""
         pixels = decode_gray(p.path)
-        if self.size is not None and pixels.shape != self.size:
-            from PIL import Image
-
-            h, w = self.size
-            pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BICUBIC))
+        pixels = resize_gray(pixels, self.size)
         return [Output(p.split, p.label, p.name, png_bytes(pixels), None, patient=p.patient, source=p.source,
                        slice=p.number)]
 

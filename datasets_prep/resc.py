@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bmad.data import check_pixels
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep.common import (
@@ -203,6 +204,7 @@ def read_gray(path: Path) -> np.ndarray:
     """
     try:
         with Image.open(path) as img:
+            check_pixels(img, path)
             img.load()
             mode = img.mode
             if mode == "L":

@@ -34,7 +34,7 @@ import numpy as np
 
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
-from datasets_prep.common import Job, Output, input_fingerprint, png_bytes, proportional, write_bench
+from datasets_prep.common import Job, Output, csv_rows, input_fingerprint, png_bytes, proportional, write_bench
 from datasets_prep.dicom import read_dicom_8bit
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def read_classes(path: Path) -> ClassTable:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read the class CSV {path}: {exc}", hint=hint) from exc
-    reader = csv.reader(io.StringIO(text))
+    reader = iter(csv_rows(text, path, hint))
     header = [h.strip() for h in next(reader, [])]
     if tuple(header) != COLUMNS:
         raise DataError(f"{path} has columns {header or '(none: empty file)'}; expected exactly {list(COLUMNS)}",

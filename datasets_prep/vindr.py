@@ -37,7 +37,16 @@ import numpy as np
 
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
-from datasets_prep.common import Job, Output, input_fingerprint, png_bytes, proportional, write_bench
+from datasets_prep.common import (
+    Job,
+    Output,
+    csv_rows,
+    input_fingerprint,
+    parse_size,
+    png_bytes,
+    proportional,
+    write_bench,
+)
 from datasets_prep.dicom import decode_pixels, read_dataset, read_dicom_8bit
 
 log = logging.getLogger(__name__)
@@ -83,7 +92,7 @@ def read_split(path: Path, *, sha256: str | None = None) -> dict[str, list[str]]
         lists = {"train/good": doc["train"]["0"], "unlabeled/good": doc["train"]["unlabeled"]["0"],
                  "unlabeled/Ungood": doc["train"]["unlabeled"]["1"], "test/good": doc["test"]["0"],
                  "test/Ungood": doc["test"]["1"]}
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise DataError(f"{path} is not DDAD's split file: it needs train.0, train.unlabeled.{{0,1}} and "
                         f"test.{{0,1}} lists ({type(exc).__name__}: {exc})", hint=hint) from None
     groups: dict[str, list[str]] = {}
@@ -153,28 +162,28 @@ def read_labels(raw: Path) -> tuple[Path, dict[str, str]] | None:
         path = raw / rel
         if not path.is_file():
             continue
+        hint = "re-download it, or move it out of --raw (DDAD's labels are used then)"
         try:
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read the label CSV {path}: {exc}",
-                            hint="re-download it, or move it out of --raw (DDAD's labels are used then)") from exc
-        reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip() for f in reader.fieldnames or []]
+            raise DataError(f"cannot read the label CSV {path}: {exc}", hint=hint) from exc
+        rows = iter(csv_rows(text, path, hint))
+        fields = [f.strip() for f in next(rows, [])]
         if "image_id" not in fields or column not in fields:
             raise DataError(f"{path} has columns {fields[:6]}...; expected 'image_id' and {column!r}",
                             hint="it is not VinDr-CXR's label file; move it out of --raw (DDAD's labels are "
                                  "used then)")
         normal: dict[str, bool] = {}
-        for row in reader:
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            iid = row["image_id"]
+        for cells in rows:
+            row = dict(zip(fields, (c.strip() for c in cells)))  # cells past the header's are ignored
+            iid = row.get("image_id", "")
             if not iid:
                 continue
             if column == "class_name":
-                ok = row[column] == NO_FINDING
+                ok = row.get(column) == NO_FINDING
             else:
                 try:
-                    ok = float(row[column] or 0) > 0
+                    ok = float(row.get(column) or 0) > 0
                 except ValueError:
                     raise DataError(f"{path}: {NO_FINDING!r} of image {iid} is {row[column]!r}, not a number",
                                     hint="re-download the file") from None
@@ -257,15 +266,7 @@ RAW/test/   not used (its labels were not public; DDAD used the training set onl
         if pixels not in PIXEL_MODES:
             raise UsageError(f"--pixels must be one of {', '.join(PIXEL_MODES)}, got {pixels!r}")
         self.pixels = pixels
-        if size is not None:
-            try:
-                h, w = (int(v) for v in size)
-            except (TypeError, ValueError):
-                raise UsageError(f"--size {size!r} is not two integers H W", hint="e.g. --size 512 512") from None
-            if h < 1 or w < 1:
-                raise UsageError(f"--size {h} {w}: both must be positive", hint="e.g. --size 512 512")
-            size = (h, w)
-        self.size: tuple[int, int] | None = size
+        self.size = parse_size(size, "512 512")
         self.workers = max(1, int(workers or 1))
         self.on_error = on_error
         self.overwrite = bool(overwrite)

@@ -52,6 +52,10 @@ UNGROUPED = frozenset({"", "none"})
 """``PartOfGroup`` values of annotations outside any group: ignored (neither tumour nor exclusion)."""
 
 
+MAX_TILE_PIXELS = 2**24
+"""The largest tile a slide may have (4096 x 4096 pixels, 64 MiB decoded; scanners write 240 to 1024)."""
+
+
 def _hint(path: Path) -> str:
     return f"re-download {Path(path).name} (compare its checksum with the publisher's), or move it out of --raw"
 
@@ -76,9 +80,28 @@ def open_slide(path: str | Path) -> Iterator[openslide.OpenSlide]:
     except Exception as exc:  # noqa: BLE001 - OpenSlideError, OSError: all mean an unreadable slide
         raise DataError(f"OpenSlide cannot open {path}: {type(exc).__name__}: {exc}", hint=_hint(path)) from exc
     try:
+        _check_tiles(slide, path)
         yield slide
     finally:
         slide.close()
+
+
+def _check_tiles(slide: openslide.OpenSlide, path: Path) -> None:
+    """DataError for a level whose tiles exceed :data:`MAX_TILE_PIXELS` (OpenSlide allocates a
+    whole tile to read any pixel of it, and aborts the process when that allocation fails), or
+    whose size is not level 0's divided by its downsample, give or take 5% (a corrupt size:
+    a 45 kB pyramid whose level 0 claims 112,308,703 x 63 pixels is left alone by OpenSlide,
+    and reading its thumbnail from level 0 takes many minutes)."""
+    w0, h0 = (int(v) for v in slide.dimensions)
+    for level in range(slide.level_count):
+        w, h = (int(slide.properties.get(f"openslide.level[{level}].tile-{k}", 0)) for k in ("width", "height"))
+        if w * h > MAX_TILE_PIXELS:
+            raise DataError(f"{path}: level {level} has {w}x{h}-pixel tiles, larger than the {MAX_TILE_PIXELS:,} "
+                            "pixels a tile can have here (a corrupt tile size)", hint=_hint(path))
+        (lw, lh), ds = slide.level_dimensions[level], float(slide.level_downsamples[level])
+        if any(abs(full / ds - size) > max(2.0, 0.05 * size) for full, size in ((w0, lw), (h0, lh))):
+            raise DataError(f"{path}: level {level} is {lw}x{lh} pixels, not level 0's {w0}x{h0} downsampled "
+                            f"{ds:g} times (a corrupt size)", hint=_hint(path))
 
 
 def read_rgb(slide: openslide.OpenSlide, x: int, y: int, width: int, height: int, *, level: int = 0,
@@ -312,18 +335,39 @@ class Annotations:
         return inside
 
 
-def _float(value: str | None, what: str, path: Path) -> float:
+MAX_COORDINATE = 2.0**31
+"""The largest coordinate (absolute value, level-0 pixels) an annotation may have: far past any
+slide, and small enough that sums and products of coordinates stay finite."""
+
+
+def _float(value: str | None, what: str, path: Path, limit: float = math.inf) -> float:
     try:
         v = float(str(value).replace(",", "."))
     except (TypeError, ValueError):
         raise DataError(f"{path}: {what} is {value!r}, not a number", hint=_xml_hint(path)) from None
     if not math.isfinite(v):
         raise DataError(f"{path}: {what} is {value!r}, not a finite number", hint=_xml_hint(path))
+    if abs(v) > limit:
+        raise DataError(f"{path}: {what} is {value!r}, beyond {limit:,.0f} pixels (no slide is that large)",
+                        hint=_xml_hint(path))
     return v
 
 
 def _xml_hint(path: Path) -> str:
     return f"re-extract {Path(path).name} from the dataset's lesion_annotations archive, or move it out of --raw"
+
+
+class _Doctype(Exception):
+    """A document type declaration met while parsing."""
+
+
+class _NoDoctype(ET.TreeBuilder):
+    """A tree builder that stops at a document type declaration (expat calls ``doctype`` at its
+    start, before any entity is declared): a DTD is where entity-expansion bombs and external
+    entities live, and ASAP files have none."""
+
+    def doctype(self, name: str, pubid: str | None, system: str | None) -> None:
+        raise _Doctype(f"<!DOCTYPE {name}" + (f" SYSTEM {system!r}" if system else "") + ">")
 
 
 def parse_asap_xml(path: str | Path) -> Annotations:
@@ -338,12 +382,16 @@ def parse_asap_xml(path: str | Path) -> Annotations:
     ungrouped annotations are ignored; any other group is a DataError (so an unknown
     convention is not silently read as normal tissue). Annotations with fewer than three
     vertices (dots) enclose nothing and are ignored; splines are read as the polygon of
-    their control points. Coordinates are level-0 pixels.
+    their control points. Coordinates are level-0 pixels. A document type declaration is
+    refused before anything in it is read (no entity is expanded, no external file opened).
     """
     path = Path(path)
     try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as exc:
+        root = ET.parse(path, parser=ET.XMLParser(target=_NoDoctype())).getroot()
+    except _Doctype as exc:
+        raise DataError(f"{path} has a document type declaration ({exc}); ASAP files have none, and bmad does "
+                        "not read one (entity expansion, external entities)", hint=_xml_hint(path)) from None
+    except (ET.ParseError, ValueError, LookupError) as exc:  # an encoding expat does not decode: Value/LookupError
         raise DataError(f"{path} is not well-formed XML ({exc})", hint=_xml_hint(path)) from exc
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}", hint=_xml_hint(path)) from exc
@@ -361,8 +409,8 @@ def parse_asap_xml(path: str | Path) -> Annotations:
             order = c.get("Order")
             coords.append((
                 _float(order, f"annotation {name!r} coordinate Order", path) if order is not None else len(coords),
-                _float(c.get("X"), f"annotation {name!r} coordinate X", path),
-                _float(c.get("Y"), f"annotation {name!r} coordinate Y", path),
+                _float(c.get("X"), f"annotation {name!r} coordinate X", path, MAX_COORDINATE),
+                _float(c.get("Y"), f"annotation {name!r} coordinate Y", path, MAX_COORDINATE),
             ))
         coords.sort(key=lambda t: t[0])
         poly = Polygon(name, group, np.array([(x, y) for _, x, y in coords], dtype=np.float64).reshape(-1, 2))

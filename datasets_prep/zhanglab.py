@@ -34,15 +34,25 @@ import numpy as np
 
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
-from datasets_prep.common import Job, Output, input_fingerprint, png_bytes, proportional, write_bench
-from datasets_prep.oct2017 import decode_gray
+from datasets_prep import kermany
+from datasets_prep.common import (
+    Job,
+    Output,
+    decode_gray,
+    input_fingerprint,
+    parse_size,
+    png_bytes,
+    proportional,
+    resize_gray,
+    write_bench,
+)
+from datasets_prep.kermany import Item, Payload
 
 log = logging.getLogger(__name__)
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 LABELS = {"NORMAL": "good", "PNEUMONIA": "Ungood"}
 OCT_CLASSES = ("CNV", "DME", "DRUSEN")
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 NAME_RES = (
     re.compile(r"^(?P<patient>(?:NORMAL2-)?IM-\d+)-(?P<n>\d+)$"),  # v2 / Kaggle NORMAL
     re.compile(r"^(?P<patient>person\d+)_(?:bacteria|virus)_(?P<n>\d+)$"),  # v2 / Kaggle PNEUMONIA
@@ -60,18 +70,6 @@ SPLIT_MODES = ("patient", "kaggle")
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Item:
-    """One raw image: ``source`` relative to the raw root, its class folder, and the patient id
-    and image number parsed from its name (patient = the stem, number empty, for other names)."""
-
-    path: Path
-    source: str
-    cls: str
-    patient: str
-    number: str
-
-
 def parse_name(stem: str) -> tuple[str, str]:
     """``"person1_bacteria_1"`` -> ``("person1", "1")``; ``"NORMAL2-IM-1427-0001"`` ->
     ``("NORMAL2-IM-1427", "0001")``; ``"BACTERIA-7422-0001"`` -> ``("7422", "0001")``;
@@ -81,19 +79,6 @@ def parse_name(stem: str) -> tuple[str, str]:
         if m:
             return m["patient"], m["n"]
     return stem, ""
-
-
-def parse_size(size: Sequence[int] | None) -> tuple[int, int] | None:
-    """``--size H W`` as a (H, W) tuple of positive ints (None stays None); UsageError otherwise."""
-    if size is None:
-        return None
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise UsageError(f"--size {size!r} is not two integers H W", hint="e.g. --size 256 256") from None
-    if h < 1 or w < 1:
-        raise UsageError(f"--size {h} {w}: both must be positive", hint="e.g. --size 256 256")
-    return h, w
 
 
 # -- the split ---------------------------------------------------------------------------
@@ -156,94 +141,32 @@ def plan_valid(items: Sequence[Item], seed: int, avoid: frozenset[str] | set[str
 
 
 # -- finding the raw files ---------------------------------------------------------------
-def _visible_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
-
-
-def _looks_like_root(folder: Path) -> bool:
-    """``folder`` holds train/ and test/ with a NORMAL or PNEUMONIA folder."""
-    if not ((folder / "train").is_dir() and (folder / "test").is_dir()):
-        return False
-    return any((folder / s / c).is_dir() for s in ("train", "test") for c in CLASSES)
-
-
-def _candidate_roots(raw: Path, depth: int = 3) -> list[Path]:
-    """Folders below ``raw`` (at most ``depth`` levels) that look like the chest X-ray root."""
-    found, level = [], [raw]
-    for _ in range(depth):
-        nxt = []
-        for folder in level:
-            try:
-                subs = _visible_dirs(folder)
-            except OSError:
-                continue
-            for sub in subs:
-                (found if _looks_like_root(sub) else nxt).append(sub)
-        level = nxt
-    return found
-
-
 def find_root(raw: Path) -> Path:
     """Check that ``raw`` holds ``train/`` and ``test/``; DataError with the fix otherwise
     (naming the folder to pass when the user pointed one or more levels too high)."""
-    if not raw.is_dir():
-        raise DataError(f"raw folder {raw} does not exist",
-                        hint="pass --raw pointing at the chest X-ray folder that contains train/ and test/")
-    missing = [s for s in ("train", "test") if not (raw / s).is_dir()]
-    if not missing:
-        return raw
-    candidates = _candidate_roots(raw)
-    if candidates:
-        hint = f"pass --raw {' or '.join(repr(str(c)) for c in candidates[:3])}: the folder that contains train/ and test/"
-    else:
-        hint = ("pass --raw pointing at the folder that contains train/ and test/ (chest_xray/ from Kaggle's "
-                "archive.zip or Mendeley's ChestXRay2017.zip, CellData/chest_xray/ from ZhangLabData.zip)")
-    raise DataError(f"{raw} has no {' and no '.join(m + '/' for m in missing)} folder", hint=hint)
+    return kermany.find_root(raw, CLASSES, "chest X-ray",
+                             "chest_xray/ from Kaggle's archive.zip or Mendeley's ChestXRay2017.zip, "
+                             "CellData/chest_xray/ from ZhangLabData.zip")
+
+
+def _wrong_class(folder: Path) -> DataError:
+    hint = f"move {folder.name}/ out of {folder.parent}"
+    if folder.name in OCT_CLASSES:
+        hint = ("this is Kermany's OCT set, not the chest X-rays: prepare it with `bmad prepare oct2017`, "
+                "and pass the chest_xray/ folder here")
+    return DataError(f"unexpected class folder {folder} (the chest X-ray classes are {', '.join(CLASSES)})",
+                     hint=hint)
 
 
 def scan_split(root: Path, split: str, ignored: list[tuple[str, str]] | None = None) -> dict[str, list[Item]]:
-    """The images of ``root/split/{NORMAL,PNEUMONIA}/``, sorted by name.
-
-    Every visible sub-folder must be NORMAL or PNEUMONIA (DataError otherwise, pointing at
-    ``bmad prepare oct2017`` for Kermany's OCT folders). Files directly in ``split/`` and hidden
-    files are ignored; other files that are not .jpeg/.jpg/.png are appended to ``ignored``.
-    """
-    folder = root / split
-    found: dict[str, list[Item]] = {}
-    for sub in _visible_dirs(folder):
-        if sub.name not in CLASSES:
-            hint = f"move {sub.name}/ out of {folder}"
-            if sub.name in OCT_CLASSES:
-                hint = ("this is Kermany's OCT set, not the chest X-rays: prepare it with `bmad prepare oct2017`, "
-                        "and pass the chest_xray/ folder here")
-            raise DataError(f"unexpected class folder {sub} (the chest X-ray classes are {', '.join(CLASSES)})",
-                            hint=hint)
-        items = []
-        for p in sorted(sub.iterdir()):
-            if p.name.startswith(".") or not p.is_file():
-                continue
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                if ignored is not None:
-                    ignored.append((p.relative_to(root).as_posix(), "not a .jpeg/.jpg/.png image; ignored"))
-                continue
-            patient, number = parse_name(p.stem)
-            items.append(Item(p, p.relative_to(root).as_posix(), sub.name, patient, number))
-        found[sub.name] = items
-    return found
+    """The images of ``root/split/{NORMAL,PNEUMONIA}/``, sorted by name
+    (:func:`datasets_prep.kermany.scan_split`; another visible class folder is an error that
+    points at ``bmad prepare oct2017`` for Kermany's OCT folders)."""
+    return kermany.scan_split(root, split, known=CLASSES, wanted=CLASSES, parse_name=parse_name,
+                              wrong_class=_wrong_class, ignored=ignored)
 
 
 # -- the reorganizer ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Payload:
-    path: Path
-    split: str
-    label: str
-    name: str
-    patient: str
-    source: str
-    number: str
-
-
 @register_reorganizer("zhanglab")
 class ZhangLab(Reorganizer):
     """Kermany's pediatric chest X-rays -> the ZhangLab bench of SQUID and PPAD (image labels, no masks)."""
@@ -360,14 +283,14 @@ chest_xray/   the folder that holds train/ and test/: chest_xray/ from Kaggle's 
             if names[(split, label, stem)] > 1:  # the same name in train/ and val/ (or .jpeg and .jpg)
                 stem = f"{stem}__{it.source.split('/')[0]}_{it.path.suffix.lstrip('.').lower()}"
             jobs.append(Job(it.source, it.source,
-                            _Payload(it.path, split, label, f"{stem}.png", it.patient, it.source, it.number)))
+                            Payload(it.path, split, label, f"{stem}.png", it.patient, it.source, it.number)))
         options = {"format": FORMAT_VERSION, "split": self.split, "split_seed": self.split_seed,
                    "size": list(self.size) if self.size else None}
         fingerprint = input_fingerprint(options, [it.path for _, _, it in chosen], root)
         return write_bench(out, self.folder, jobs, self._write_one, fingerprint=fingerprint, workers=self.workers,
                            on_error=self.on_error, overwrite=self.overwrite, progress=progress, skipped=ignored)
 
-    def _write_one(self, p: _Payload) -> list[Output]:
+    def _write_one(self, p: Payload) -> list[Output]:
         """Decode one JPEG to 8-bit gray (resized when ``--size``) and return its PNG."""
         pixels = resize_gray(decode_gray(p.path), self.size)
         return [Output(p.split, p.label, p.name, png_bytes(pixels), None, patient=p.patient, source=p.source,
@@ -447,16 +370,6 @@ chest_xray/   the folder that holds train/ and test/: chest_xray/ from Kaggle's 
                 for p in files[-k:] if k else []:
                     p.rename(root / "val" / cls_name / p.name)
         return Path(raw)
-
-
-def resize_gray(pixels: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """``pixels`` resized to ``size`` (H, W) with Pillow's bicubic filter; unchanged when None or equal."""
-    if size is None or pixels.shape == size:
-        return pixels
-    from PIL import Image
-
-    h, w = size
-    return np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BICUBIC))
 
 
 def synthetic_chest(seed: int, index: int, abnormal: bool, h: int, w: int) -> np.ndarray:

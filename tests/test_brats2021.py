@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import shutil
@@ -14,9 +13,10 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError, UsageError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep import synthetic
 from datasets_prep.brats2021 import BraTS2021, plan_split, split_sizes, split_totals
+from tests.prep_helpers import read_manifest, tree_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -26,13 +26,6 @@ SHAPE = (64, 64, 64)
 SLICES = synthetic.slice_range(SHAPE[2])
 
 
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
 def view(plane: np.ndarray) -> np.ndarray:
     """Radiological axial view of a RAS+ plane: anterior up, patient's right on the left."""
     return np.flipud(np.fliplr(plane.T))
@@ -40,10 +33,6 @@ def view(plane: np.ndarray) -> np.ndarray:
 
 def canonical(path: Path) -> np.ndarray:
     return np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -161,7 +161,8 @@ def effnet_weights(tmp_path_factory) -> Path:
 def selected_names(request: pytest.FixtureRequest) -> list[str]:
     """The names whose determinism test runs in this session (not deselected, not skipped as slow)."""
     return [item.callspec.params["name"] for item in request.session.items
-            if getattr(item, "originalname", None) == "test_same_seed_same_record"
+            if getattr(item, "module", None) is request.module  # other files have tests of this name
+            and getattr(item, "originalname", None) == "test_same_seed_same_record"
             and item.get_closest_marker("skip") is None and item.callspec.params["name"] in TINY]
 
 

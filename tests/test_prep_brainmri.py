@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep.brainmri import (
     DUPLICATE_COLUMNS,
     BrainMRI,
@@ -26,6 +26,7 @@ from datasets_prep.brainmri import (
     split_sizes,
 )
 from tests.conftest import real_fixture, run_bmad
+from tests.prep_helpers import decoded, png, read_manifest, tree_bytes
 
 FOLDER = "BrainMRI"
 TINY = ((20, 24), (27, 19), (16, 16))  # (H, W) of the generated slices: odd sizes, small and fast
@@ -33,34 +34,11 @@ N, DUPS = 40, 3  # 40 images: 15 normal + 25 tumour (Kaggle's 98 : 155), then 3 
 N_NORMAL, N_TUMOUR = 15 + DUPS, 25
 
 
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
 def read_duplicates(bench: Path) -> list[dict[str, str]]:
     with open(bench / "duplicates.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames) == DUPLICATE_COLUMNS
         return list(reader)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def gray(path: Path) -> np.ndarray:
-    """What a Pillow reader of the source sees, in 8-bit gray."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
-
-
-def png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "L", (path, im.format, im.mode)
-        return np.asarray(im)
 
 
 def sources(raw: Path) -> dict[str, str]:
@@ -73,7 +51,7 @@ def pixel_groups(raw: Path) -> list[set[str]]:
     """Groups (2 or more) of sources with identical gray pixels, found by comparing the arrays."""
     seen: list[tuple[np.ndarray, set[str]]] = []
     for s in sources(raw):
-        a = gray(raw / s)
+        a = decoded(raw / s)
         for b, group in seen:
             if a.shape == b.shape and np.array_equal(a, b):
                 group.add(s)
@@ -204,7 +182,7 @@ def test_layout_manifest_labels_and_pixels(raw: Path, bench: Path) -> None:
         assert r["label"] == {"no": "good", "yes": "Ungood"}[src[r["source"]]]
         assert r["path"].startswith(f"{r['split']}/{r['label']}/img/") and r["path"].endswith(".png")
         assert " " not in r["path"] and r["mask"] == "" and r["slice"] == ""
-        np.testing.assert_array_equal(png(path), gray(raw / r["source"]))
+        np.testing.assert_array_equal(png(path), decoded(raw / r["source"]))
     assert {p.relative_to(bench).as_posix() for p in bench.rglob("*.png")} == {r["path"] for r in rows}
     assert not (bench / "valid").exists() and not list(bench.rglob("anomaly_mask"))
 
@@ -285,7 +263,7 @@ def test_size_option_resizes_bicubic(raw: Path, tmp_path: Path) -> None:
         out = png(tmp_path / FOLDER / r["path"])
         assert out.shape == (12, 10)
     r = rows[0]
-    want = np.asarray(Image.fromarray(gray(raw / r["source"])).resize((10, 12), Image.Resampling.BICUBIC))
+    want = np.asarray(Image.fromarray(decoded(raw / r["source"])).resize((10, 12), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(png(tmp_path / FOLDER / r["path"]), want)
 
 
@@ -450,7 +428,7 @@ def test_real_set_gives_mediclips_counts_and_its_duplicates(real_raw: Path, real
     assert by_source["yes/Y92.png"]["path"] == "test/Ungood/img/Y92__png.png"
     for s in ("no/no 96.jpg", "no/no 98.jpg", "no/N1.JPG", "yes/Y259.JPG", "no/1 no.jpeg"):  # RGBA, P, RGB, RGB, JPEG
         out = png(real_bench / by_source[s]["path"])
-        np.testing.assert_array_equal(out, gray(real_raw / s))
+        np.testing.assert_array_equal(out, decoded(real_raw / s))
         assert out.std() > 10
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError, UsageError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep.busi import (
     BUSI,
     BUSI_COUNTS,
@@ -25,21 +25,11 @@ from datasets_prep.busi import (
     split_sizes,
 )
 from tests.conftest import run_bmad
+from tests.prep_helpers import read_manifest, tree_bytes
 
 N = 30  # 5 normal, 17 benign, 8 malignant
 N_NORMAL, N_LESION = 5, 25
 SIZE = 48  # BUSI's images are about 500 x 500; tiny here
-
-
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def union_of_masks(image: Path) -> np.ndarray:

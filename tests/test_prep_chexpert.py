@@ -14,35 +14,13 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError
-from bmad.reorganizer import MANIFEST_COLUMNS
 from datasets_prep.chexpert import HEADER, PATHOLOGIES, CheXpert, Row, plan_split, read_table, row_label
 from tests.conftest import run_bmad
+from tests.prep_helpers import decoded, png, read_manifest, tree_bytes
 
 FOLDER = "CheXpert"
 SIZE = (24, 20)  # (H, W) of the generated radiographs: small, so the tests stay fast
 N = 60  # training patients of the generated set (6 validation patients)
-
-
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def decoded(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
-
-
-def png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "L", (path, im.format, im.mode)
-        return np.asarray(im)
 
 
 def csv_labels(root: Path, name: str) -> dict[str, str]:

@@ -16,9 +16,10 @@ from nibabel.orientations import axcodes2ornt, ornt_transform
 from PIL import Image
 
 from bmad.errors import DataError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep.liver import Liver, phantom, plan_lits, plan_train, slice_pixels, split_sizes
 from tests.conftest import real_fixture
+from tests.prep_helpers import read_manifest, tree_bytes
 
 BTCV_SHAPE = (48, 40, 24)  # not 512x512 in-plane: every slice is resized
 LITS_SHAPE = (40, 48, 36)
@@ -27,13 +28,6 @@ LO, HI = -200.0, 250.0
 
 
 # -- helpers: an independent reading of the raw volumes --------------------------------
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
 def canonical(path: Path) -> np.ndarray:
     return np.asanyarray(nib.as_closest_canonical(nib.load(path)).dataobj)
 
@@ -63,10 +57,6 @@ def expected_image(hu_plane: np.ndarray, roi: np.ndarray, equalize: bool) -> np.
     else:
         out[roi] = q[roi]
     return out
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def image(path: Path) -> np.ndarray:

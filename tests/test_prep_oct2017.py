@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep.oct2017 import (
     CLASSES,
     OCT2017,
@@ -25,33 +25,11 @@ from datasets_prep.oct2017 import (
     split_sizes,
 )
 from tests.conftest import real_fixture
+from tests.prep_helpers import decoded, png, read_manifest, tree_bytes
 
 FOLDER = "Retina_OCT2017"
 SIZE = (48, 64)  # (H, W) of the generated B-scans: small, so the tests stay fast
 N, PER_CLASS = 64, 10  # 64 images: 40 in test/ (10 per class), 24 NORMAL in train/
-
-
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def decoded(path: Path) -> np.ndarray:
-    """What a reader of the JPEG sees, in 8-bit gray."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
-
-
-def png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "L", (path, im.format, im.mode)
-        return np.asarray(im)
 
 
 def raw_images(root: Path, split: str) -> dict[str, str]:

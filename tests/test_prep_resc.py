@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError, UsageError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep.common import proportional
 from datasets_prep.resc import (
     BMAD_EVAL_SLICES,
@@ -27,23 +27,13 @@ from datasets_prep.resc import (
     valid_quota,
 )
 from tests.conftest import real_fixture
+from tests.prep_helpers import read_manifest, tree_bytes
 
 FOLDER = "Retina_RESC"
 TRAIN = Path("ai_challenger_fl2018_trainingset/Edema_trainingset")
 VALID = Path("ai_challenger_fl2018_validationset/Edema_validationset")
 SHAPE = (48, 24)  # rows x columns: reduced from RESC's 1024 x 512 for speed
 SLICES = 8
-
-
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def pixels(path: Path) -> np.ndarray:

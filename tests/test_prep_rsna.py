@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep.dicom import read_dicom_8bit, write_dicom
 from datasets_prep.rsna import (
     CLASSES,
@@ -26,16 +26,10 @@ from datasets_prep.rsna import (
     synthetic_patient,
 )
 from tests.conftest import real_fixture
+from tests.prep_helpers import read_manifest, tree_bytes
 
 N = 36  # 12 Normal, 8 Lung Opacity, 16 No Lung Opacity / Not Normal
 SIZE = 256  # RSNA's images are 1024x1024; smaller here to keep the tests fast
-
-
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
 
 
 def csv_classes(path: Path) -> dict[str, set[str]]:
@@ -45,10 +39,6 @@ def csv_classes(path: Path) -> dict[str, set[str]]:
         for row in csv.DictReader(fh):
             out.setdefault(row["patientId"], set()).add(row["class"])
     return out
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def write_classes(path: Path, rows: list[tuple[str, str]], header: str = "patientId,class") -> None:

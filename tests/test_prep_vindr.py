@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError, UsageError
-from bmad.reorganizer import MANIFEST_COLUMNS, reorganizers
+from bmad.reorganizer import reorganizers
 from datasets_prep.dicom import read_dicom_8bit, write_dicom
 from datasets_prep.vindr import (
     DDAD_COUNTS,
@@ -32,20 +32,10 @@ from datasets_prep.vindr import (
     read_split,
 )
 from tests.conftest import real_fixture, run_bmad
+from tests.prep_helpers import read_manifest, tree_bytes
 
 N = 20  # 8 train normal, 2 + 2 unlabeled, 4 + 4 test
 SIZE = 64  # VinDr's images are about 2,000-3,000 pixels a side; tiny here
-
-
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def ddad_file() -> dict:

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 
 from bmad.errors import DataError
-from bmad.reorganizer import MANIFEST_COLUMNS
 from datasets_prep.zhanglab import (
     KERMANY_TEST,
     KERMANY_TRAIN,
@@ -26,32 +25,11 @@ from datasets_prep.zhanglab import (
     valid_sizes,
 )
 from tests.conftest import real_fixture, run_bmad
+from tests.prep_helpers import decoded, png, read_manifest, tree_bytes
 
 FOLDER = "ZhangLab"
 SIZE = (24, 32)  # (H, W) of the generated radiographs: small, so the tests stay fast
 N = 120  # images of the generated raw set: 28 + 79 train, 5 + 8 test (Kermany's proportions)
-
-
-def read_manifest(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def decoded(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L"))
-
-
-def png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "L", (path, im.format, im.mode)
-        return np.asarray(im)
 
 
 def raw_images(root: Path, split: str) -> dict[str, str]:
