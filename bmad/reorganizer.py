@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from bmad.errors import UsageError
 from bmad.registry import Registry
 
 MANIFEST_COLUMNS = ("path", "split", "label", "mask", "patient", "source", "slice", "sha256")
@@ -70,6 +71,17 @@ class Reorganizer:
     folder: ClassVar[str] = ""
     description: ClassVar[str] = ""
     raw_layout: ClassVar[str] = ""
+
+    ON_ERROR: ClassVar[tuple[str, ...]] = ("skip", "fail")
+
+    def set_run_options(self, workers: int | None, on_error: str, overwrite: bool) -> None:
+        """Check and keep the options every reorganizer takes: ``workers`` (at least 1),
+        ``on_error`` ("skip" | "fail") and ``overwrite``."""
+        if on_error not in self.ON_ERROR:
+            raise UsageError(f"--on-error must be one of {', '.join(self.ON_ERROR)}, got {on_error!r}")
+        self.workers = max(1, int(workers or 1))
+        self.on_error = on_error
+        self.overwrite = bool(overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

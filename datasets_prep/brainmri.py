@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bmad.errors import DataError, UsageError
+from bmad.errors import DataError
 from bmad.fsutil import write_text_atomic
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep.common import (
@@ -53,6 +53,7 @@ from datasets_prep.common import (
     proportional,
     resize_gray,
     threaded_map,
+    train_test_normals,
     verified_bench,
     write_bench,
 )
@@ -92,13 +93,8 @@ def split_sizes(n_normal: int) -> tuple[int, int]:
     65/98 of them to test (largest remainder, at least one each:
     :func:`datasets_prep.common.proportional`). DataError below 2.
     """
-    if n_normal < 2:
-        raise DataError(f"{n_normal} normal image(s) found: the split needs at least 2 (one for train, one for test)",
-                        hint="check that --raw points at the complete set (its no/ folder holds 98 images)")
-    if n_normal >= KAGGLE_COUNTS["no"]:
-        return n_normal - MEDICLIP_SIZES[1], MEDICLIP_SIZES[1]
-    train, test = proportional(MEDICLIP_SIZES, KAGGLE_COUNTS["no"], n_normal)
-    return train, test
+    return train_test_normals(n_normal, MEDICLIP_SIZES,
+                              hint="check that --raw points at the complete set (its no/ folder holds 98 images)")
 
 
 def choose_train(units: Sequence[Sequence[Item]], n_train: int, seed: int,
@@ -318,11 +314,7 @@ brain_tumor_dataset/   the folder that holds no/ and yes/ (Kaggle's archive.zip,
         self.raw = Path(raw)
         self.size = parse_size(size)
         self.split_seed = int(split_seed)
-        self.workers = int(workers or 1)
-        if on_error not in ("skip", "fail"):
-            raise UsageError(f"--on-error must be skip or fail, got {on_error!r}")
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -351,9 +351,7 @@ RAW/                                  (--raw: BraTS2021_Training_Data, 1,251 cas
         self.slices = parse_slices(slices)
         self.split_seed = int(split_seed)
         self.test_only = bool(test_only)
-        self.workers = max(1, int(workers))
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

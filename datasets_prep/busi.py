@@ -52,6 +52,7 @@ from datasets_prep.common import (
     parse_size,
     png_bytes,
     proportional,
+    train_test_normals,
     write_bench,
 )
 
@@ -96,14 +97,8 @@ def split_sizes(n_normal: int) -> tuple[int, int]:
     101/133 of them to test (largest remainder, at least one each:
     :func:`datasets_prep.common.proportional`). DataError below 2.
     """
-    if n_normal < 2:
-        raise DataError(f"{n_normal} normal image(s) found: the split needs at least 2 (one for train, one for test)",
-                        hint=f"check that --raw points at the complete {ROOT_NAME} (its normal/ folder holds 133 "
-                             "images)")
-    if n_normal >= BUSI_COUNTS["normal"]:
-        return n_normal - MEDICLIP_NORMAL[1], MEDICLIP_NORMAL[1]
-    train, test = proportional(MEDICLIP_NORMAL, BUSI_COUNTS["normal"], n_normal)
-    return train, test
+    return train_test_normals(n_normal, MEDICLIP_NORMAL, hint=f"check that --raw points at the complete "
+                              f"{ROOT_NAME} (its normal/ folder holds 133 images)")
 
 
 def plan_split(items: Sequence[Item]) -> list[tuple[str, str, Item]]:
@@ -243,9 +238,7 @@ class BUSI(Reorganizer):
     ) -> None:
         self.raw = Path(raw)
         self.size = parse_size(size)
-        self.workers = max(1, int(workers or 1))
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -48,10 +48,10 @@ from datasets_prep import wsi
 from datasets_prep.common import (
     Job,
     Output,
-    csv_rows,
     input_fingerprint,
     png_bytes,
     proportional,
+    read_csv,
     share_quota,
     threaded_map,
     write_bench,
@@ -256,11 +256,7 @@ def read_reference(path: Path) -> dict[str, str]:
     class, diagnosis). Anything else is a DataError naming the file.
     """
     hint = "use testing/reference.csv from the CAMELYON16 download (rows: test_NNN,Normal|Tumor,...), or --reference"
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}", hint=hint) from exc
-    rows = [r for r in csv_rows(text, path, hint) if any(c.strip() for c in r)]
+    rows = [r for r in read_csv(path, hint) if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{path} is empty", hint=hint)
     id_col, label_col = 0, 1
@@ -361,9 +357,7 @@ testing/reference.csv                                 test_001,Tumor,... / test_
         if not 0.0 <= float(min_tissue) <= 1.0:
             raise UsageError(f"--min-tissue must be in [0, 1], got {min_tissue}")
         self.min_tissue = float(min_tissue)
-        self.workers = max(1, int(workers or 1))
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -40,16 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from bmad.errors import DataError, UsageError
+from bmad.errors import DataError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep.common import (
     Job,
     Output,
-    csv_rows,
     decode_gray,
     input_fingerprint,
     parse_size,
     png_bytes,
+    read_csv,
     resize_gray,
     write_bench,
 )
@@ -114,11 +114,7 @@ def read_table(path: Path, split: str) -> Table:
     hint = f"pass the CheXpert v1.0 folder whose {path.name} is unchanged (columns {', '.join(HEADER)})"
     if not path.is_file():
         raise DataError(f"{path} does not exist", hint=f"--raw must be the CheXpert folder holding {CSVS[split]}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {exc}", hint=hint) from exc
-    reader = iter(csv_rows(text, path, hint))
+    reader = iter(read_csv(path, hint))
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in REQUIRED if c not in header]
     if missing:
@@ -268,11 +264,7 @@ CheXpert-v1.0-small/ (or CheXpert-v1.0/)   the folder that holds the two CSVs
         self.raw = Path(raw)
         self.size = parse_size(size)
         self.split_seed = int(split_seed)
-        self.workers = max(1, int(workers or 1))
-        if on_error not in ("skip", "fail"):
-            raise UsageError(f"--on-error must be skip or fail, got {on_error!r}")
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -40,12 +40,12 @@ from tqdm import tqdm
 from bmad.data import check_pixels
 from bmad.errors import DataError, UsageError
 from bmad.fsutil import DISK_FULL, disk_full_error, sha256_file, write_bytes_atomic, write_text_atomic
-from bmad.reorganizer import MANIFEST_COLUMNS, Summary
+from bmad.reorganizer import MANIFEST_COLUMNS, Reorganizer, Summary
 
 log = logging.getLogger(__name__)
 
 PNG_COMPRESS_LEVEL = 6
-ON_ERROR = ("skip", "fail")
+ON_ERROR = Reorganizer.ON_ERROR
 JOURNAL = "journal.jsonl"
 STATE = "prepare.json"
 SKIPPED = "skipped.csv"
@@ -406,14 +406,33 @@ def _commit(stage: Path, final: Path) -> None:
         stage.rename(final)
 
 
-def csv_rows(text: str, path: Path, hint: str) -> list[list[str]]:
-    """The rows of CSV ``text`` read from ``path``; DataError naming the file and line for what
-    the csv module refuses (a field over its 128 KiB limit, say)."""
+def read_csv(path: Path, hint: str, what: str = "") -> list[list[str]]:
+    """The rows of the CSV file ``path`` (UTF-8, a byte-order mark allowed); DataError naming the
+    file (as ``what`` ``path``) when it cannot be read, and the line for what the csv module
+    refuses (a field over its 128 KiB limit, say)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {what + ' ' if what else ''}{path}: {exc}", hint=hint) from exc
     reader = csv.reader(io.StringIO(text))
     try:
         return list(reader)
     except csv.Error as exc:
         raise DataError(f"{path} line {reader.line_num}: {exc}", hint=hint) from None
+
+
+def train_test_normals(n_normal: int, published: tuple[int, int], *, hint: str) -> tuple[int, int]:
+    """(train, test) normal images for ``n_normal``, after a paper's ``published`` (train, test)
+    split of ``sum(published)`` normals: the published test count from that many up, the rest to
+    train; for fewer, the published proportions (:func:`proportional`, at least one each).
+    DataError, with ``hint``, below 2."""
+    if n_normal < 2:
+        raise DataError(f"{n_normal} normal image(s) found: the split needs at least 2 (one for train, one for test)",
+                        hint=hint)
+    if n_normal >= sum(published):
+        return n_normal - published[1], published[1]
+    train, test = proportional(published, sum(published), n_normal)
+    return train, test
 
 
 def proportional(bmad_sizes: Sequence[int], bmad_total: int, n: int, *, minimum: int = 1) -> list[int]:

@@ -519,11 +519,7 @@ class Liver(Reorganizer):
                              hint="LiTS uses 1 for liver and 2 for tumour")
         self.equalize = bool(equalize)
         self.split_seed = int(split_seed)
-        self.workers = max(1, int(workers or 1))
-        if on_error not in ("skip", "fail"):
-            raise UsageError(f"--on-error must be skip or fail, got {on_error!r}")
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -227,9 +227,7 @@ OCT2017/      the folder that holds train/ and test/: OCT2017/ from Mendeley's O
         self.size = parse_size(size, "496 512")
         self.disjoint_train = bool(disjoint_train)
         self.split_seed = int(split_seed)
-        self.workers = int(workers or 1)
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -327,9 +327,7 @@ the label folder may also carry the image folder's own name. The test set (no la
             raise UsageError(f"--subject-pattern {subject_pattern!r} is not a regular expression: {exc}") from None
         self.subject_pattern = subject_pattern
         self.split_seed = int(split_seed)
-        self.workers = max(1, int(workers or 1))
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
         self._lut = np.zeros(256, bool)
         self._lut[list(self.lesion_values)] = True
         self._allowed = self._lut.copy()
@@ -536,8 +534,6 @@ the label folder may also carry the image folder's own name. The test set (no la
 
     def prepare(self, out: str | os.PathLike, *, progress: bool = True) -> Summary:
         """Write ``out/Retina_RESC/`` (images, masks, manifest.csv) and return the summary."""
-        if self.on_error not in ("skip", "fail"):
-            raise UsageError(f"--on-error must be skip or fail, got {self.on_error!r}")
         scans, problems, files = self.find()
         problems = sorted(problems, key=lambda pr: pr.source)
         if problems and self.on_error == "fail":

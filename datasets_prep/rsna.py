@@ -34,7 +34,7 @@ import numpy as np
 
 from bmad.errors import DataError, UsageError
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
-from datasets_prep.common import Job, Output, csv_rows, input_fingerprint, png_bytes, proportional, write_bench
+from datasets_prep.common import Job, Output, input_fingerprint, png_bytes, proportional, read_csv, write_bench
 from datasets_prep.dicom import read_dicom_8bit
 
 log = logging.getLogger(__name__)
@@ -132,11 +132,7 @@ def read_classes(path: Path) -> ClassTable:
             f"{BOXES} holds boxes, not the three classes")
     if not path.is_file():
         raise DataError(f"the class CSV {path} does not exist", hint=f"download {LABELS} into --raw, or set --labels")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read the class CSV {path}: {exc}", hint=hint) from exc
-    reader = iter(csv_rows(text, path, hint))
+    reader = iter(read_csv(path, hint, "the class CSV"))
     header = [h.strip() for h in next(reader, [])]
     if tuple(header) != COLUMNS:
         raise DataError(f"{path} has columns {header or '(none: empty file)'}; expected exactly {list(COLUMNS)}",
@@ -213,9 +209,7 @@ RAW/{BOXES}, RAW/stage_2_test_images/   not used"""
             raise UsageError(f"--size must be a positive number of pixels, got {size}")
         self.size = None if size is None else int(size)
         self.split_seed = int(split_seed)
-        self.workers = max(1, int(workers or 1))
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

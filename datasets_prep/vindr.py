@@ -40,11 +40,11 @@ from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep.common import (
     Job,
     Output,
-    csv_rows,
     input_fingerprint,
     parse_size,
     png_bytes,
     proportional,
+    read_csv,
     write_bench,
 )
 from datasets_prep.dicom import decode_pixels, read_dataset, read_dicom_8bit
@@ -163,11 +163,7 @@ def read_labels(raw: Path) -> tuple[Path, dict[str, str]] | None:
         if not path.is_file():
             continue
         hint = "re-download it, or move it out of --raw (DDAD's labels are used then)"
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read the label CSV {path}: {exc}", hint=hint) from exc
-        rows = iter(csv_rows(text, path, hint))
+        rows = iter(read_csv(path, hint, "the label CSV"))
         fields = [f.strip() for f in next(rows, [])]
         if "image_id" not in fields or column not in fields:
             raise DataError(f"{path} has columns {fields[:6]}...; expected 'image_id' and {column!r}",
@@ -267,9 +263,7 @@ RAW/test/   not used (its labels were not public; DDAD used the training set onl
             raise UsageError(f"--pixels must be one of {', '.join(PIXEL_MODES)}, got {pixels!r}")
         self.pixels = pixels
         self.size = parse_size(size, "512 512")
-        self.workers = max(1, int(workers or 1))
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

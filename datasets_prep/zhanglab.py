@@ -203,9 +203,7 @@ chest_xray/   the folder that holds train/ and test/: chest_xray/ from Kaggle's 
         self.split = split
         self.size = parse_size(size)
         self.split_seed = int(split_seed)
-        self.workers = max(1, int(workers or 1))
-        self.on_error = on_error
-        self.overwrite = bool(overwrite)
+        self.set_run_options(workers, on_error, overwrite)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bmad.errors import DataError, UsageError
+from bmad.reorganizer import reorganizers
 from datasets_prep.common import Job, Output, mask_png, png_bytes, proportional, share_quota, spread, write_bench
 
 
@@ -138,3 +139,15 @@ def test_share_quota_is_even_and_respects_capacity_and_spread_is_centred() -> No
     assert share_quota(10, [2, 2]) == [2, 2]
     assert share_quota(5088, [100] * 160) == [32] * 128 + [31] * 32
     assert spread([1, 2, 3, 4, 5, 6, 7, 8], 2) == [3, 7] and spread([1, 2], 5) == [1, 2]
+
+
+@pytest.mark.parametrize("key", reorganizers.names())
+def test_every_reorganizer_checks_the_common_options(key: str, tmp_path: Path) -> None:
+    """``--on-error`` is checked when the reorganizer is built (before any file is read);
+    ``--workers`` 0 or none means one worker."""
+    cls = reorganizers.get(key).cls
+    raw = {"raw": tmp_path}  # no reorganizer reads its raw folder before prepare()
+    with pytest.raises(UsageError, match="--on-error must be one of skip, fail, got 'ignore'"):
+        cls(**raw, on_error="ignore")
+    made = cls(**raw, workers=0, on_error="fail", overwrite=1)
+    assert (made.workers, made.on_error, made.overwrite) == (1, "fail", True)
