@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -429,8 +430,13 @@ def prepare_kill_loop(oct_raw: tuple[Path, Path, float], out: Path, writing_kill
     plan = ["random"] * random_kills + ["writing"] * (writing_kills - 1)
     rng.shuffle(plan)
     kills: Counter[str] = Counter()
-    for mode in [*plan, "writing"]:
+    todo = [*plan, "writing"]
+    while todo:
+        mode = todo.pop(0)
         before = _journaled(out)
+        if mode == "writing" and jobs - before < 2:  # no image left to kill between: start afresh
+            shutil.rmtree(out / f".{OCT_FOLDER}.partial")
+            before = 0
         proc = subprocess.Popen(_prepare_args(raw, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if mode == "random":
             time.sleep(rng.uniform(0.3, full))
@@ -439,7 +445,10 @@ def prepare_kill_loop(oct_raw: tuple[Path, Path, float], out: Path, writing_kill
             while proc.poll() is None and _journaled(out) < want:
                 time.sleep(0.002)
         if proc.poll() is not None:  # finished before the kill: start from scratch again
-            assert proc.returncode == 0 and mode == "random"
+            # (a random kill too late, or a writing kill after a kill that hit the final rename)
+            assert proc.returncode == 0
+            if mode == "writing":
+                todo.insert(0, mode)
             assert _tree(out / OCT_FOLDER) == _tree(reference)
             for p in sorted((out / OCT_FOLDER).rglob("*"), reverse=True):
                 p.unlink() if p.is_file() else p.rmdir()
