@@ -151,6 +151,29 @@ class MeanDiff(Algorithm):
 
 
 @pytest.fixture(scope="session")
+def effnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random EfficientNet-B5 whose BatchNorm statistics are calibrated on normal noise
+    (~ImageNet-normalised input): with torchvision's raw random init CS-Flow's features are
+    ~1e-12 and every score ties; calibrated, they are of order 1 on the test images."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b5()
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batch
+        if type(module).__name__ == "StochasticDepth":
+            module.eval()
+    with torch.no_grad():
+        model.features(torch.randn(8, 3, 128, 128))
+    path = tmp_path_factory.mktemp("weights") / "efficientnet_b5_calibrated.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def toy_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A plugin package with a dist-info declaring entry points, importable via PYTHONPATH.
 

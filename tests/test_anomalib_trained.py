@@ -76,27 +76,6 @@ def create(name: str, **params: Any):
     return registry.create(name, **params)
 
 
-@pytest.fixture(scope="module")
-def effnet_weights(tmp_path_factory) -> Path:
-    """EfficientNet-B5, random, with BatchNorm statistics calibrated on normal noise (~ImageNet-
-    normalised input): features of order 1 on the test images."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.efficientnet_b5()
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batch
-        if type(module).__name__ == "StochasticDepth":
-            module.eval()
-    with torch.no_grad():
-        model.features(torch.randn(8, 3, 128, 128))  # ~ ImageNet-normalised input
-    path = tmp_path_factory.mktemp("weights") / "efficientnet_b5_calibrated.pth"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def small(name: str, effnet: Path) -> dict[str, Any]:
     """SMALL[name], with the calibrated weights for CS-Flow."""
     return dict(SMALL[name], weights=str(effnet)) if name == "csflow" else dict(SMALL[name])

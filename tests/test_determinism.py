@@ -137,27 +137,6 @@ def bench(tmp_path_factory) -> Path:
     return make_bench(tmp_path_factory.mktemp("det") / "Toy", n_train=4, n_valid=(1, 1), n_test=(3, 3), size=32)
 
 
-@pytest.fixture(scope="module")
-def effnet_weights(tmp_path_factory) -> Path:
-    """A random EfficientNet-B5 whose BatchNorm statistics are calibrated on normal noise:
-    with torchvision's raw random init CS-Flow's features are ~1e-12 and every score ties."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.efficientnet_b5()
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # cumulative average over the calibration batch
-        if type(module).__name__ == "StochasticDepth":
-            module.eval()
-    with torch.no_grad():
-        model.features(torch.randn(4, 3, 128, 128))
-    path = tmp_path_factory.mktemp("weights") / "efficientnet_b5_calibrated.pth"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def selected_names(request: pytest.FixtureRequest) -> list[str]:
     """The names whose determinism test runs in this session (not deselected, not skipped as slow)."""
     return [item.callspec.params["name"] for item in request.session.items
