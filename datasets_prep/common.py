@@ -37,9 +37,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from bmad.data import check_pixels
 from bmad.errors import DataError, UsageError
 from bmad.fsutil import DISK_FULL, disk_full_error, sha256_file, write_bytes_atomic, write_text_atomic
+from bmad.images import check_pixels
 from bmad.reorganizer import MANIFEST_COLUMNS, Reorganizer, Summary
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bmad.data import check_pixels
 from bmad.errors import DataError, UsageError
+from bmad.images import check_pixels
 from bmad.reorganizer import Reorganizer, Summary, register_reorganizer
 from datasets_prep.common import (
     Job,
