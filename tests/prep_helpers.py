@@ -11,12 +11,17 @@ from PIL import Image
 from bmad.reorganizer import MANIFEST_COLUMNS
 
 
+def read_table(path: Path, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of the CSV file ``path``, after checking that its columns are ``columns``."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == columns
+        return list(reader)
+
+
 def read_manifest(bench: Path) -> list[dict[str, str]]:
     """The rows of ``bench/manifest.csv``, after checking its columns."""
-    with open(bench / "manifest.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
-        return list(reader)
+    return read_table(bench / "manifest.csv", MANIFEST_COLUMNS)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

@@ -26,7 +26,7 @@ from datasets_prep.brainmri import (
     split_sizes,
 )
 from tests.conftest import real_fixture, run_bmad
-from tests.prep_helpers import decoded, png, read_manifest, tree_bytes
+from tests.prep_helpers import decoded, png, read_manifest, read_table, tree_bytes
 
 FOLDER = "BrainMRI"
 TINY = ((20, 24), (27, 19), (16, 16))  # (H, W) of the generated slices: odd sizes, small and fast
@@ -35,10 +35,7 @@ N_NORMAL, N_TUMOUR = 15 + DUPS, 25
 
 
 def read_duplicates(bench: Path) -> list[dict[str, str]]:
-    with open(bench / "duplicates.csv", newline="") as fh:
-        reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == DUPLICATE_COLUMNS
-        return list(reader)
+    return read_table(bench / "duplicates.csv", DUPLICATE_COLUMNS)
 
 
 def sources(raw: Path) -> dict[str, str]:
