@@ -403,20 +403,20 @@ def _image_seeds() -> list[Seed]:
 
 
 def _check_image(work: Path) -> Callable[[Mutant], None]:
-    from bmad import data
-    from datasets_prep import busi, oct2017, resc
+    from bmad import images
+    from datasets_prep import busi, common, resc
 
     def target(m: Mutant) -> None:
         path = _write(work, m)
-        size = outcome(lambda: data.image_size(path), path)
-        img = outcome(lambda: data.read_image(path), path)
+        size = outcome(lambda: images.image_size(path), path)
+        img = outcome(lambda: images.read_image(path), path)
         if img is not None:
             assert img.dtype == np.float32 and img.ndim == 3 and img.shape[0] in (1, 3), (img.dtype, img.shape)
             assert np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1, (img.min(), img.max())
             assert size == img.shape[1:], (size, img.shape)
-            mask = outcome(lambda: data.read_mask(path), path)
+            mask = outcome(lambda: images.read_mask(path), path)
             assert mask is not None and mask.dtype == bool and mask.shape == size
-        for decode in (resc.read_gray, oct2017.decode_gray):
+        for decode in (resc.read_gray, common.decode_gray):
             gray = outcome(lambda decode=decode: decode(path), path)
             if gray is not None:
                 assert gray.dtype == np.uint8 and gray.ndim == 2 and gray.size > 0, (gray.dtype, gray.shape)
@@ -1221,20 +1221,20 @@ def _refused(call: Callable[[], Any], *words: str) -> None:
 
 
 def _regress_decompression_bomb(work: Path) -> None:
-    from bmad import data
-    from datasets_prep import busi, oct2017, resc
+    from bmad import images
+    from datasets_prep import busi, common, resc
 
     path = _bomb_jpeg(work / "bomb.jpg")
-    for read in (data.read_image, resc.read_gray, oct2017.decode_gray, busi.read_mask):
+    for read in (images.read_image, resc.read_gray, common.decode_gray, busi.read_mask):
         _refused(lambda read=read: read(path), "13000x13000", "bomb.jpg")
 
 
 def _regress_nan_tiff(work: Path) -> None:
-    from bmad import data
+    from bmad import images
 
     path = work / "nan.tif"
     path.write_bytes(_image_bytes(np.array([[0.5, np.nan], [np.inf, 0.1]], np.float32), "TIFF"))
-    _refused(lambda: data.read_image(path), "NaN", "nan.tif")
+    _refused(lambda: images.read_image(path), "NaN", "nan.tif")
 
 
 def _regress_nifti_header(work: Path) -> None:
